@@ -1,0 +1,96 @@
+"""Local objective terms added to the cross-entropy loss; a strategy switches them on by name.
+
+A strategy sends `{"objectives": {"proximal": {"mu": 0.01}}}` in a client's config; each term
+adds a penalty to every batch's loss and may return extra outputs once training is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clients.state import ClientStateStore
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class ObjectiveContext:
+    """What a term may use: the round's global weights, broadcast arrays, the client's store."""
+
+    client_id: int
+    global_params: dict[str, torch.Tensor]
+    broadcast: dict[str, torch.Tensor]
+    store: ClientStateStore
+
+
+class Objective:
+    """A local loss term. Subclasses override `penalty` and, if they report something, `finish`."""
+
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, steps: int, lr: float) -> dict[str, Arrays]:
+        return {}
+
+
+class Proximal(Objective):
+    """FedProx: (mu / 2) * ||w - w_global||^2 over the trainable parameters."""
+
+    def __init__(self, ctx: ObjectiveContext, mu: float) -> None:
+        self.mu = mu
+        self.anchor = ctx.global_params
+
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        squared = sum(((p - self.anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+        return 0.5 * self.mu * squared
+
+
+class ControlVariates(Objective):
+    """SCAFFOLD: corrects each gradient by (c - c_i), i.e. adds <c - c_i, w> to the loss.
+
+    After K local steps with learning rate lr, the client control is updated with option II of
+    the paper, c_i+ = c_i - c + (w_global - w) / (K lr), stored per client, and the change
+    c_i+ - c_i is reported as the output "control_delta".
+    """
+
+    STATE = "scaffold_control"
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        self.ctx = ctx
+        self.server = {n[len("control."):]: t for n, t in ctx.broadcast.items()
+                       if n.startswith("control.")}
+        stored = ctx.store.load(ctx.client_id, self.STATE)
+        self.own = {n: torch.as_tensor(stored[n], device=t.device) if stored else torch.zeros_like(t)
+                    for n, t in self.server.items()}
+        self.correction = {n: self.server[n] - self.own[n] for n in self.server}
+
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sum((p * self.correction[n]).sum() for n, p in model.named_parameters())
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module, steps: int, lr: float) -> dict[str, Arrays]:
+        params = dict(model.named_parameters())
+        new = {n: self.own[n] - self.server[n] + (self.ctx.global_params[n] - params[n]) / (steps * lr)
+               for n in self.server}
+        self.ctx.store.save(self.ctx.client_id, self.STATE, {n: t.cpu().numpy() for n, t in new.items()})
+        return {"control_delta": {n: (new[n] - self.own[n]).cpu().numpy() for n in new}}
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "proximal": Proximal,
+    "scaffold": ControlVariates,
+}
+
+
+def build_objectives(spec: dict[str, dict[str, Any]], ctx: ObjectiveContext) -> list[Objective]:
+    """Instantiate the terms named in `spec` (name -> keyword parameters)."""
+    unknown = sorted(set(spec) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"unknown local objective(s) {unknown}; known: {sorted(OBJECTIVES)}")
+    return [OBJECTIVES[name](ctx, **params) for name, params in spec.items()]

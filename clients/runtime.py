@@ -1,0 +1,161 @@
+"""The worker runtime: trains or evaluates the virtual clients of one packed message.
+
+Each worker process keeps one resident model and the federation's data as tensors on its
+device (a per-process cache); every client loads the global weights into that model in place.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+from torch import nn
+
+from clients.objectives import ObjectiveContext, build_objectives
+from clients.state import ClientStateStore
+from clients.training import LocalData, train_locally
+from fedsim.config import ExperimentConfig, validate_config
+from fedsim.data.federation import Federation, IndexedFederation, build_federation
+from fedsim.engine.aggregation import add_weighted
+from fedsim.engine.protocol import (
+    ClientResult,
+    Task,
+    WorkerResult,
+    decode_task,
+    encode_result,
+)
+from fedsim.evaluation import evaluate
+from fedsim.models import build_model
+from fedsim.seeding import derive_seed
+
+
+def worker_device(config: ExperimentConfig) -> torch.device:
+    """The GPU when the worker was given a share of one and CUDA is there, else the CPU."""
+    if config.engine.gpus_per_worker > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class Resident:
+    """What a worker process keeps between messages for one experiment."""
+
+    federation: Federation
+    model: nn.Module
+    device: torch.device
+    base: tuple[torch.Tensor, torch.Tensor] | None  # all training arrays, for indexed data
+
+    def client_data(self, client_id: int) -> LocalData:
+        fed = self.federation
+        if isinstance(fed, IndexedFederation) and self.base is not None:
+            x, y = self.base
+            train = torch.as_tensor(fed.train_idx[client_id], device=self.device)
+            test = torch.as_tensor(fed.test_idx[client_id], device=self.device)
+            return LocalData(x[train], y[train], x[test], y[test])
+        data = fed.client_data(client_id)
+        return LocalData(*(torch.as_tensor(a, device=self.device)
+                           for a in (data.x_train, data.y_train, data.x_test, data.y_test)))
+
+    def load_global(self, arrays: dict[str, torch.Tensor]) -> None:
+        """Copy the global weights into the resident model in place."""
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():
+                tensor.copy_(arrays[name])
+
+
+_RESIDENT: dict[str, Resident] = {}
+
+
+def resident_for(config: ExperimentConfig) -> Resident:
+    """The cached data and model for this experiment in this process (built on first use)."""
+    key = json.dumps([config.data.model_dump(mode="json"), config.model.model_dump(mode="json"),
+                      config.experiment.seed, config.engine.gpus_per_worker])
+    if key not in _RESIDENT:
+        if config.engine.backend == "ray":  # a worker process owns cpus_per_worker cores
+            torch.set_num_threads(max(1, int(config.engine.cpus_per_worker)))
+        fed = build_federation(config.data, config.experiment.seed)
+        device = worker_device(config)
+        model = build_model(config.model, fed.input_shape, fed.num_classes,
+                            config.experiment.seed).to(device)
+        base = None
+        if isinstance(fed, IndexedFederation):
+            base = (torch.as_tensor(fed.dataset.x_train, device=device),
+                    torch.as_tensor(fed.dataset.y_train, device=device))
+        _RESIDENT.clear()
+        _RESIDENT[key] = Resident(fed, model, device, base)
+    return _RESIDENT[key]
+
+
+def _tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
+
+
+def _numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
+               global_params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor],
+               store: ClientStateStore) -> ClientResult:
+    client = task.clients[index]
+    res.load_global(global_params)
+    data = res.client_data(client.client_id)
+    ctx = ObjectiveContext(client.client_id, global_params, broadcast, store)
+    objectives = build_objectives(client.config.get("objectives", {}), ctx)
+    lr = float(client.config.get("lr", config.client.lr))
+    seed = derive_seed(config.experiment.seed, task.round, client.client_id)
+    metrics = train_locally(res.model, data, config.client, objectives, seed, lr)
+    outputs = {"model": _numpy_state(res.model)}
+    for term in objectives:
+        outputs.update(term.finish(res.model, int(metrics["steps"]), lr))
+    return ClientResult(client.client_id, metrics, outputs)
+
+
+def run_train(content: RecordDict) -> RecordDict:
+    """Train every client of a packed task; a client that raises is reported, the rest go on."""
+    task = decode_task(content)
+    config = validate_config(task.experiment)
+    res = resident_for(config)
+    global_params = _tensors(task.global_arrays, res.device)
+    broadcast = _tensors(task.broadcast, res.device)
+    store = ClientStateStore(task.run_dir)
+    result = WorkerResult()
+    for index, client in enumerate(task.clients):
+        try:
+            outcome = _train_one(res, task, index, config, global_params, broadcast, store)
+        except Exception as exc:  # a failing client must not take the others down
+            result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            continue
+        if task.reduce is not None:
+            for name, weighting in task.reduce.items():
+                weight = outcome.metrics["num_examples"] if weighting == "examples" else 1.0
+                result.sums[name] = add_weighted(result.sums.get(name), outcome.outputs[name], weight)
+                result.weights[name] = result.weights.get(name, 0.0) + weight
+            outcome.outputs = {}
+        result.clients.append(outcome)
+    return encode_result(result)
+
+
+def run_evaluate(content: RecordDict) -> RecordDict:
+    """Evaluate the global model on each listed client's local test split."""
+    task = decode_task(content)
+    config = validate_config(task.experiment)
+    res = resident_for(config)
+    res.load_global(_tensors(task.global_arrays, res.device))
+    result = WorkerResult()
+    for client in task.clients:
+        try:
+            data = res.client_data(client.client_id)
+            metrics = evaluate(res.model, data.x_test, data.y_test)
+        except Exception as exc:
+            result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
+            continue
+        result.clients.append(ClientResult(client.client_id, {
+            "eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"],
+            "num_test_examples": metrics["num_examples"]}))
+    return encode_result(result)

@@ -1,0 +1,74 @@
+"""The local training loop every strategy shares: SGD/Adam over cross-entropy plus objective terms."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clients.objectives import Objective
+from fedsim.config import ClientSection
+
+
+@dataclass
+class LocalData:
+    """One client's tensors, already on the worker's device."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def make_optimizer(model: nn.Module, settings: ClientSection, lr: float) -> torch.optim.Optimizer:
+    """A fresh local optimizer (no state carried between rounds)."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
+def planned_steps(num_examples: int, settings: ClientSection) -> int:
+    """Local steps: `local_steps` if set, else local_epochs passes of ceil(n / batch) batches."""
+    if settings.local_steps is not None:
+        return settings.local_steps
+    return settings.local_epochs * math.ceil(num_examples / settings.batch_size)
+
+
+def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
+                  objectives: list[Objective], seed: int, lr: float) -> dict[str, float]:
+    """Train `model` in place on the client's data; returns the mean loss and counts.
+
+    Batches come from reshuffled passes over the data, drawn from a generator seeded with
+    `seed`, so a client's training is a pure function of (global weights, data, seed).
+    """
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(data.y_train)
+    steps = planned_steps(n, settings)
+    optimizer = make_optimizer(model, settings, lr)
+    model.train()
+    loss_sum, done = torch.zeros((), device=data.x_train.device), 0
+    while done < steps:
+        order = torch.randperm(n, generator=generator).to(data.x_train.device)
+        for start in range(0, n, settings.batch_size):
+            batch = order[start:start + settings.batch_size]
+            logits = model(data.x_train[batch])
+            targets = data.y_train[batch]
+            loss = F.cross_entropy(logits, targets)
+            for term in objectives:
+                loss = loss + term.penalty(model, logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            done += 1
+            if done == steps:
+                break
+    return {"train_loss": loss_sum.item() / max(done, 1), "num_examples": float(n),
+            "steps": float(done), "train_seconds": time.perf_counter() - started}

@@ -1,0 +1,22 @@
+"""The Flower app (composition root of the client side): the ClientApp every worker runs."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.runtime import run_evaluate, run_train
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the virtual clients packed into this message."""
+    return Message(content=run_train(msg.content), reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the local test splits of the packed clients."""
+    return Message(content=run_evaluate(msg.content), reply_to=msg)

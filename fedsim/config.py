@@ -1,0 +1,203 @@
+"""Experiment spec: a TOML file plus `key=value` overrides, validated into one typed config."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedsim.errors import ConfigError
+
+DATA_DIR_ENV = "FEDSIM_DATA_DIR"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExperimentSection(Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(30, ge=1)
+
+
+class PartitionSection(Section):
+    kind: Literal["iid", "dirichlet", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    min_size: int = Field(10, ge=1, description="minimum training examples per client")
+
+
+class SyntheticSection(Section):
+    """FedProx Synthetic(alpha, beta): natural clients with model and feature heterogeneity."""
+
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    iid: bool = False
+    dim: int = Field(60, ge=1)
+    num_classes: int = Field(10, ge=2)
+    max_client_size: int | None = Field(None, ge=10)
+    eval_clients: int = Field(1000, ge=1, description="clients whose test splits form the test set")
+
+
+class DataSection(Section):
+    dataset: str = "digits"
+    num_clients: int = Field(20, ge=1)
+    root: Path | None = None
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="global held-out test share")
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    partition: PartitionSection = PartitionSection()
+    synthetic: SyntheticSection = SyntheticSection()
+
+    @model_validator(mode="after")
+    def _root_from_environment(self) -> DataSection:
+        if self.root is None and os.environ.get(DATA_DIR_ENV):
+            self.root = Path(os.environ[DATA_DIR_ENV])
+        return self
+
+
+class ModelSection(Section):
+    name: str = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128])
+
+
+class ClientSection(Section):
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="if set, overrides local_epochs")
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class StrategySection(BaseModel):
+    """Strategy name, cohort size, and the strategy's own parameters (checked by the strategy)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "fedavg"
+    clients_per_round: int | None = Field(10, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1, description="overrides clients_per_round")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The strategy-specific keys (everything but name and cohort size)."""
+        return dict(self.model_extra or {})
+
+
+class EvaluationSection(Section):
+    every: int = Field(1, ge=1, description="central evaluation every N rounds (and the last)")
+    client_fraction: float = Field(1.0, ge=0, le=1, description="clients evaluated locally")
+    client_every: int = Field(1, ge=1)
+
+
+class EngineSection(Section):
+    backend: Literal["ray", "inprocess"] = "ray"
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    ray_address: str = ""
+    timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
+
+
+class OutputSection(Section):
+    dir: Path = Path("runs")
+    run_dir: Path | None = Field(None, description="exact run directory (default: dir/name-time)")
+    save_model: bool = True
+
+
+class ExperimentConfig(Section):
+    """The whole experiment: every section has defaults, so an empty file is a valid spec."""
+
+    experiment: ExperimentSection = ExperimentSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    client: ClientSection = ClientSection()
+    strategy: StrategySection = StrategySection()
+    evaluation: EvaluationSection = EvaluationSection()
+    engine: EngineSection = EngineSection()
+    output: OutputSection = OutputSection()
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A plain, JSON-able dict of every setting (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its key path and a TOML-typed value (bare words are strings)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. experiment.seed=1)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `key=value` override into the nested raw config dict."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"])
+        hint = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        return f"unknown key '{key}'{suggestion} (allowed: {', '.join(allowed)})"
+    return f"{key} = {error.get('input')!r}: {error['msg']}"
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Turn a raw nested dict into a typed config, or raise one ConfigError naming each bad key."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid experiment config: " + "; ".join(problems)) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read an experiment TOML file, with a clear error when it is missing or malformed."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load a spec from TOML (or defaults when path is None) and apply `key=value` overrides."""
+    raw = read_toml(path) if path is not None else {}
+    return validate_config(apply_overrides(raw, list(overrides)))

@@ -1,0 +1,1 @@
+"""Datasets, partitions and the federation of virtual clients built from them."""

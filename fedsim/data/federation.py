@@ -1,0 +1,104 @@
+"""The federation: N virtual clients, each a (train, test) split, plus the global test set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from fedsim.config import DataSection
+from fedsim.data.arrays import ArrayDataset, stratified_split_indices
+from fedsim.data.partition import partition_labels
+from fedsim.data.sources import load_source
+from fedsim.data.synthetic import SyntheticClients
+from fedsim.errors import DataError
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local data (numpy arrays)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+class IndexedFederation:
+    """Clients as index arrays into one dataset's training arrays (held once per process)."""
+
+    def __init__(self, dataset: ArrayDataset, train_idx: list[np.ndarray],
+                 test_idx: list[np.ndarray]) -> None:
+        self.dataset = dataset
+        self.train_idx = train_idx
+        self.test_idx = test_idx
+        self.num_clients = len(train_idx)
+        self.num_classes = dataset.num_classes
+        self.input_shape = dataset.input_shape
+        self.train_sizes = np.array([len(i) for i in train_idx], dtype=np.int64)
+
+    def client_data(self, client_id: int) -> ClientData:
+        x, y = self.dataset.x_train, self.dataset.y_train
+        train, test = self.train_idx[client_id], self.test_idx[client_id]
+        return ClientData(x[train], y[train], x[test], y[test])
+
+    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.x_test, self.dataset.y_test
+
+
+class NaturalFederation:
+    """Clients that generate their own data (Synthetic); a small per-process cache of clients."""
+
+    def __init__(self, clients: SyntheticClients, client_test_fraction: float,
+                 eval_clients: int) -> None:
+        self.clients = clients
+        self.client_test_fraction = client_test_fraction
+        self.num_clients = clients.num_clients
+        self.num_classes = clients.spec.num_classes
+        self.input_shape = (clients.spec.dim,)
+        self.train_sizes = clients.sizes - np.round(clients.sizes * client_test_fraction).astype(
+            np.int64)
+        self.eval_clients = min(eval_clients, self.num_clients)
+        self.client_data = lru_cache(maxsize=4096)(self._client_data)
+
+    def _client_data(self, client_id: int) -> ClientData:
+        x, y = self.clients.generate(client_id)
+        n_test = int(round(len(y) * self.client_test_fraction))
+        return ClientData(x[n_test:], y[n_test:], x[:n_test], y[:n_test])
+
+    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """The union of the local test splits of the first `eval_clients` clients."""
+        parts = [self.client_data(k) for k in range(self.eval_clients)]
+        return (np.concatenate([p.x_test for p in parts]), np.concatenate([p.y_test for p in parts]))
+
+
+Federation = IndexedFederation | NaturalFederation
+
+
+def _build(spec: DataSection, seed: int) -> Federation:
+    if spec.dataset == "synthetic":
+        if spec.partition.kind != "natural":
+            raise DataError("synthetic data has natural clients: set data.partition.kind = 'natural'")
+        clients = SyntheticClients(spec.synthetic, spec.num_clients, seed)
+        return NaturalFederation(clients, spec.client_test_fraction, spec.synthetic.eval_clients)
+    dataset = load_source(spec, seed)
+    parts = partition_labels(dataset.y_train, spec.num_clients, spec.partition, seed)
+    rng = np.random.default_rng([seed, 0x7E57])
+    train_idx, test_idx = [], []
+    for part in parts:
+        local_train, local_test = stratified_split_indices(
+            dataset.y_train[part], spec.client_test_fraction, rng)
+        train_idx.append(part[local_train])
+        test_idx.append(part[local_test])
+    return IndexedFederation(dataset, train_idx, test_idx)
+
+
+@lru_cache(maxsize=4)
+def _cached(spec_json: str, seed: int) -> Federation:
+    return _build(DataSection.model_validate_json(spec_json), seed)
+
+
+def build_federation(spec: DataSection, seed: int) -> Federation:
+    """The federation for a data spec and seed, built once per process and then reused."""
+    return _cached(spec.model_dump_json(), seed)

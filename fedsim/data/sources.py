@@ -1,0 +1,58 @@
+"""The dataset registry: a name maps to a loader of an in-memory ArrayDataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.config import DataSection
+from fedsim.data import fashion_mnist
+from fedsim.data.arrays import ArrayDataset, split_train_test
+from fedsim.errors import ConfigError
+
+
+def load_digits(root: Path | None, test_fraction: float, seed: int) -> ArrayDataset:
+    """scikit-learn's 8x8 digits (1,797 images, shipped with the package), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    x_train, y_train, x_test, y_test = split_train_test(
+        x, bunch.target.astype(np.int64), test_fraction, seed)
+    return ArrayDataset(x_train, y_train, x_test, y_test, num_classes=10)
+
+
+def load_fashion_mnist(root: Path | None, test_fraction: float, seed: int) -> ArrayDataset:
+    """Fashion-MNIST with its own 60k/10k split (test_fraction does not apply)."""
+    return fashion_mnist.load(root)
+
+
+SOURCES: dict[str, Callable[[Path | None, float, int], ArrayDataset]] = {
+    "digits": load_digits,
+    "fashion-mnist": load_fashion_mnist,
+}
+NATURAL_SOURCES = ("synthetic",)
+
+
+def dataset_names() -> list[str]:
+    return sorted([*SOURCES, *NATURAL_SOURCES])
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise a ConfigError naming the known datasets when `name` is not one of them."""
+    if name not in SOURCES and name not in NATURAL_SOURCES:
+        raise ConfigError(f"unknown dataset '{name}' in data.dataset; known: {', '.join(dataset_names())}")
+
+
+@lru_cache(maxsize=4)
+def _load(name: str, root: Path | None, test_fraction: float, seed: int) -> ArrayDataset:
+    return SOURCES[name](root, test_fraction, seed)
+
+
+def load_source(spec: DataSection, seed: int) -> ArrayDataset:
+    """The arrays of `spec.dataset`, loaded once per process."""
+    check_dataset_name(spec.dataset)
+    return _load(spec.dataset, spec.root, spec.test_fraction, seed)

@@ -1,0 +1,73 @@
+"""Running the round loop on Flower's simulation engine with the Ray backend.
+
+W worker SuperNodes run the ClientApp; each message packs several virtual clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.config import ExperimentConfig
+from fedsim.errors import FedsimError
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float = 120.0) -> list[int]:
+    """Block until `count` worker nodes have registered (they do so asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedsimError(f"only {len(nodes)} of {count} workers started within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def backend_config(config: ExperimentConfig, verbose: bool) -> dict:
+    engine = config.engine
+    init_args: dict = {"include_dashboard": False, "log_to_driver": verbose,
+                       "logging_level": logging.INFO if verbose else logging.ERROR}
+    if engine.ray_address:
+        init_args["address"] = engine.ray_address
+    else:
+        init_args["num_cpus"] = max(1, round(engine.workers * engine.cpus_per_worker))
+    return {"client_resources": {"num_cpus": engine.cpus_per_worker,
+                                 "num_gpus": engine.gpus_per_worker},
+            "init_args": init_args}
+
+
+def run_on_ray(config: ExperimentConfig, loop: Callable[[Grid], None], verbose: bool = False) -> None:
+    """Start Ray and W worker nodes, run `loop(grid)` as the ServerApp, then stop everything."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    from flwr.simulation import run_simulation  # after the environment is set
+
+    from fedsim.app import client_app
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if hasattr(grid, "pull_interval"):
+            grid.pull_interval = 0.01  # the in-memory grid polls every 0.1 s by default
+        wait_for_nodes(grid, config.engine.workers)
+        loop(grid)
+
+    run_simulation(server_app=server_app, client_app=client_app,
+                   num_supernodes=config.engine.workers,
+                   backend_config=backend_config(config, verbose), verbose_logging=verbose)

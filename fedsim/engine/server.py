@@ -1,0 +1,100 @@
+"""The round loop: train, aggregate, evaluate, record; shared by every backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from fedsim.config import ExperimentConfig
+from fedsim.data.federation import Federation
+from fedsim.engine.protocol import Arrays, ClientResult
+from fedsim.evaluation import evaluate
+from fedsim.models import build_model
+from fedsim.results import RunWriter
+
+ProgressCallback = Callable[[int, dict[str, Any]], None]
+
+
+class RoundTransport(Protocol):
+    """How one round's work reaches the workers and comes back (Ray grid, or in-process)."""
+
+    def train(self, server_round: int, arrays: Arrays) -> tuple[Arrays | None, dict[str, float], int]:
+        ...
+
+    def evaluate(self, server_round: int, arrays: Arrays) -> tuple[dict[str, float], int]:
+        ...
+
+
+@dataclass
+class CentralEvaluator:
+    """Evaluates global arrays on the held-out test set, in the server process."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def build(cls, config: ExperimentConfig, federation: Federation) -> CentralEvaluator:
+        model = build_model(config.model, federation.input_shape, federation.num_classes,
+                            config.experiment.seed)
+        x, y = federation.test_set()
+        return cls(model, torch.as_tensor(x), torch.as_tensor(y))
+
+    def initial_arrays(self) -> Arrays:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def __call__(self, arrays: Arrays) -> dict[str, float]:
+        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
+        metrics = evaluate(self.model, self.x, self.y)
+        return {"test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]}
+
+
+def client_rows(server_round: int, train: list[ClientResult], evaluated: list[ClientResult],
+                failures: dict[int, str]) -> list[dict[str, Any]]:
+    """One row per client of the round: its training and/or local evaluation metrics."""
+    rows: dict[int, dict[str, Any]] = {}
+    for result in [*train, *evaluated]:
+        rows.setdefault(result.client_id, {"round": server_round, "client_id": result.client_id})
+        rows[result.client_id].update(result.metrics)
+    for cid, error in failures.items():
+        rows.setdefault(cid, {"round": server_round, "client_id": cid})["error"] = error
+    return [rows[cid] for cid in sorted(rows)]
+
+
+def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: Any,
+               evaluator: CentralEvaluator, writer: RunWriter,
+               progress: ProgressCallback | None = None) -> Arrays:
+    """Run every round, writing each one's results as soon as it is done; returns final arrays."""
+    arrays = evaluator.initial_arrays()
+    writer.add_round({"round": 0, **evaluator(arrays)}, [])
+    rounds, every = config.experiment.rounds, config.evaluation.every
+    for rnd in range(1, rounds + 1):
+        started = time.perf_counter()
+        new, row, sent = transport.train(rnd, arrays)
+        if new is not None:
+            arrays = new
+        else:
+            writer.log(f"round {rnd}: no client succeeded; global model unchanged")
+        evaluated, eval_sent = [], 0
+        if config.evaluation.client_fraction > 0 and (rnd % config.evaluation.client_every == 0
+                                                      or rnd == rounds):
+            eval_row, eval_sent = transport.evaluate(rnd, arrays)
+            row.update(eval_row)
+            evaluated = strategy.last_evaluate.clients
+        if rnd % every == 0 or rnd == rounds:
+            row.update(evaluator(arrays))
+        row.update({"round": rnd, "seconds": time.perf_counter() - started,
+                    "bytes_exchanged": float(sent + eval_sent)})
+        failures = {**strategy.last_train.failures}
+        for cid, error in failures.items():
+            writer.log(f"round {rnd}: client {cid} failed: {error}")
+        writer.add_round(row, client_rows(rnd, strategy.last_train.clients, evaluated, failures))
+        if progress is not None:
+            progress(rnd, row)
+    if config.output.save_model:
+        writer.save_model(arrays)
+    return arrays

@@ -1,0 +1,75 @@
+"""How a round's packed tasks reach the workers: Flower's grid (Ray), or direct calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedsim.engine.protocol import Arrays, content_bytes, encode_task, from_record, to_record
+
+Handler = Callable[[RecordDict], RecordDict]
+
+
+class GridTransport:
+    """Sends the strategy's Flower messages through a Grid and hands the replies back to it."""
+
+    def __init__(self, strategy, grid: Grid, timeout: float) -> None:
+        self.strategy, self.grid, self.timeout = strategy, grid, timeout
+
+    def _exchange(self, messages) -> tuple[list, int]:
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        size = sum(content_bytes(m.content) for m in messages)
+        size += sum(content_bytes(r.content) for r in replies if not r.has_error())
+        return replies, size
+
+    def train(self, server_round: int, arrays: Arrays) -> tuple[Arrays | None, dict, int]:
+        messages = self.strategy.configure_train(server_round, to_record(arrays), ConfigRecord(),
+                                                 self.grid)
+        replies, size = self._exchange(messages)
+        record, metrics = self.strategy.aggregate_train(server_round, replies)
+        new = from_record(record) if record is not None else None
+        return new, dict(metrics), size
+
+    def evaluate(self, server_round: int, arrays: Arrays) -> tuple[dict, int]:
+        messages = self.strategy.configure_evaluate(server_round, to_record(arrays),
+                                                    ConfigRecord(), self.grid)
+        replies, size = self._exchange(messages)
+        return dict(self.strategy.aggregate_evaluate(server_round, replies)), size
+
+
+class InProcessTransport:
+    """Runs the workers' handlers in this process, one task after another (no Ray, no Flower
+    messages): the reference loop for parity checks and debugging."""
+
+    def __init__(self, strategy, workers: int, train_handler: Handler,
+                 evaluate_handler: Handler) -> None:
+        self.strategy, self.workers = strategy, workers
+        self.handlers = {True: train_handler, False: evaluate_handler}
+
+    def _run(self, server_round: int, arrays: Arrays, cohort: list[int], train: bool):
+        replies, size = [], 0
+        for task in self.strategy.plan(server_round, arrays, cohort, self.workers, train):
+            content = encode_task(task)
+            ids = [c.client_id for c in task.clients]
+            try:
+                reply = self.handlers[train](content)
+            except Exception as exc:
+                replies.append((ids, None, f"worker error: {type(exc).__name__}: {exc}"))
+                continue
+            size += content_bytes(content) + content_bytes(reply)
+            replies.append((ids, reply, ""))
+        return replies, size
+
+    def train(self, server_round: int, arrays: Arrays) -> tuple[Arrays | None, dict, int]:
+        replies, size = self._run(server_round, arrays, self.strategy.sample_cohort(server_round),
+                                  True)
+        new, metrics = self.strategy.finish_train(server_round, replies)
+        return new, metrics, size
+
+    def evaluate(self, server_round: int, arrays: Arrays) -> tuple[dict, int]:
+        cohort = self.strategy.evaluation_cohort(server_round)
+        replies, size = self._run(server_round, arrays, cohort, False)
+        return self.strategy.finish_evaluate(replies), size

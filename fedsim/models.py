@@ -1,0 +1,96 @@
+"""Model zoo: small PyTorch models selectable by name (`model.name` in the experiment)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedsim.config import ModelSection
+from fedsim.errors import ConfigError
+
+
+def logistic_regression(input_shape: tuple[int, ...], num_classes: int, spec: ModelSection) -> nn.Module:
+    """Multinomial logistic regression on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, spec: ModelSection) -> nn.Module:
+    """Fully connected network with ReLU hidden layers of sizes `model.hidden`."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for hidden in spec.hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.name = '{model}' needs image inputs (C, H, W), got {input_shape}")
+    return input_shape  # type: ignore[return-value]
+
+
+def simple_cnn(input_shape: tuple[int, ...], num_classes: int, spec: ModelSection) -> nn.Module:
+    """The FL benchmarks' small CNN: two 5x5 conv + max-pool blocks (32, 64), then dense 128."""
+    channels, height, width = _image_shape(input_shape, "cnn")
+    features = nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    flat = 64 * (height // 4) * (width // 4)
+    return nn.Sequential(features, nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+class BasicBlock(nn.Module):
+    """A ResNet basic block: two 3x3 convolutions with batch norm and a shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int, spec: ModelSection) -> nn.Module:
+    """A small ResNet (ResNet-8 style: three stages of one basic block, widths 16/32/64)."""
+    channels, _, _ = _image_shape(input_shape, "resnet")
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+    )
+
+
+MODELS: dict[str, Callable[[tuple[int, ...], int, ModelSection], nn.Module]] = {
+    "logreg": logistic_regression,
+    "mlp": mlp,
+    "cnn": simple_cnn,
+    "resnet": resnet,
+}
+
+
+def check_model_name(name: str) -> None:
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}' in model.name; known: {', '.join(sorted(MODELS))}")
+
+
+def build_model(spec: ModelSection, input_shape: tuple[int, ...], num_classes: int,
+                seed: int) -> nn.Module:
+    """A freshly initialised model; the same seed gives the same initial weights."""
+    check_model_name(spec.name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[spec.name](tuple(input_shape), num_classes, spec)

@@ -1,0 +1,61 @@
+"""The run directory: resolved config, per-round and per-client tables, final model, log.
+
+Tables are rewritten atomically after every round, so a crash keeps every finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedsim.config import ExperimentConfig
+
+
+def default_run_dir(config: ExperimentConfig) -> Path:
+    """`output.run_dir` if set, else `output.dir/<name>-<timestamp>-s<seed>` (made unique)."""
+    if config.output.run_dir is not None:
+        return config.output.run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = config.output.dir / f"{config.experiment.name}-{stamp}-s{config.experiment.seed}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Writes one run's results as they come in."""
+
+    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []
+        (self.run_dir / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2))
+
+    def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
+        self.rounds.append(row)
+        _write_parquet(self.rounds, self.run_dir / "rounds.parquet")
+        if client_rows:
+            self.clients.extend(client_rows)
+            _write_parquet(self.clients, self.run_dir / "clients.parquet")
+
+    def save_model(self, arrays: dict[str, np.ndarray]) -> None:
+        np.savez(self.run_dir / "model.npz", **arrays)
+
+    def log(self, line: str) -> None:
+        with open(self.run_dir / "log.txt", "a") as handle:
+            handle.write(f"{time.strftime('%H:%M:%S')} {line}\n")

@@ -1,0 +1,61 @@
+"""Running one experiment end to end: check, build, train, record (a composition root)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from clients.runtime import run_evaluate, run_train
+from fedsim.config import ExperimentConfig
+from fedsim.data.federation import build_federation
+from fedsim.engine.server import CentralEvaluator, ProgressCallback, run_rounds
+from fedsim.engine.transports import GridTransport, InProcessTransport
+from fedsim.errors import ConfigError
+from fedsim.registry import build_strategy, check_config
+from fedsim.results import RunWriter, default_run_dir
+
+
+@dataclass
+class RunSummary:
+    """Where a run's results are, and its per-round table."""
+
+    run_dir: Path
+    rounds: pd.DataFrame
+    seconds: float
+
+
+def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None = None,
+                   verbose: bool = False) -> RunSummary:
+    """Run `config` on its backend and return the run directory and per-round metrics."""
+    check_config(config)
+    if (config.engine.gpus_per_worker > 0 and not config.engine.ray_address
+            and not torch.cuda.is_available()):
+        raise ConfigError("engine.gpus_per_worker > 0 but no CUDA GPU is visible here; "
+                          "set engine.gpus_per_worker = 0 or run on a machine with a GPU")
+    federation = build_federation(config.data, config.experiment.seed)
+    evaluator = CentralEvaluator.build(config, federation)
+    run_dir = default_run_dir(config)
+    writer = RunWriter(run_dir, config)
+    param_names = [name for name, _ in evaluator.model.named_parameters()]
+    strategy = build_strategy(config, federation.train_sizes, param_names, str(run_dir.resolve()))
+    started = time.perf_counter()
+    writer.log(f"start: {config.strategy.name} on {config.data.dataset}, "
+               f"{federation.num_clients} clients, backend {config.engine.backend}")
+
+    def loop(transport) -> None:
+        run_rounds(config, transport, strategy, evaluator, writer, progress)
+
+    if config.engine.backend == "inprocess":
+        loop(InProcessTransport(strategy, config.engine.workers, run_train, run_evaluate))
+    else:
+        from fedsim.engine.ray_backend import run_on_ray
+
+        run_on_ray(config, lambda grid: loop(GridTransport(strategy, grid, config.engine.timeout)),
+                   verbose)
+    seconds = time.perf_counter() - started
+    writer.log(f"done in {seconds:.1f} s")
+    return RunSummary(run_dir, pd.read_parquet(run_dir / "rounds.parquet"), seconds)

@@ -1,0 +1,1 @@
+"""Server side: one module per aggregation strategy, all on the fedsim base in `base.py`."""
