@@ -51,8 +51,8 @@ class DataSection(Section):
     root: Path | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1, description="global held-out test share")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
-    partition: PartitionSection = PartitionSection()
-    synthetic: SyntheticSection = SyntheticSection()
+    partition: PartitionSection = Field(default_factory=PartitionSection)
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
 
     @model_validator(mode="after")
     def _root_from_environment(self) -> DataSection:
@@ -115,14 +115,14 @@ class OutputSection(Section):
 class ExperimentConfig(Section):
     """The whole experiment: every section has defaults, so an empty file is a valid spec."""
 
-    experiment: ExperimentSection = ExperimentSection()
-    data: DataSection = DataSection()
-    model: ModelSection = ModelSection()
-    client: ClientSection = ClientSection()
-    strategy: StrategySection = StrategySection()
-    evaluation: EvaluationSection = EvaluationSection()
-    engine: EngineSection = EngineSection()
-    output: OutputSection = OutputSection()
+    experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    client: ClientSection = Field(default_factory=ClientSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    output: OutputSection = Field(default_factory=OutputSection)
 
     def to_json_dict(self) -> dict[str, Any]:
         """A plain, JSON-able dict of every setting (paths as strings)."""

@@ -26,7 +26,8 @@ STRATEGIES: dict[str, type[FedsimStrategy]] = {
 
 def strategy_class(name: str) -> type[FedsimStrategy]:
     if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy '{name}' in strategy.name; known: {', '.join(sorted(STRATEGIES))}")
+        known = ", ".join(sorted(STRATEGIES))
+        raise ConfigError(f"unknown strategy '{name}' in strategy.name; known: {known}")
     return STRATEGIES[name]
 
 

@@ -13,6 +13,8 @@ class FedProxParams(BaseModel):
 
 
 class FedProx(FedAvg):
+    """FedAvg plus a proximal term on every client, pulling local models toward the global."""
+
     name = "fedprox"
     Params = FedProxParams
 

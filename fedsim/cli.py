@@ -1,0 +1,94 @@
+"""The `fedsim` command line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fedsim.errors import FedsimError
+
+app = typer.Typer(help="fedsim: federated-learning simulations on Flower, PyTorch and Ray.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _summary_table(rounds) -> Table:
+    table = Table(title="Summary")
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    table.add_column("best", justify="right")
+    for column, best in (("test_accuracy", max), ("test_loss", min),
+                         ("client_eval_accuracy", max), ("train_loss", min)):
+        if column in rounds:
+            values = rounds[column].dropna()
+            if len(values):
+                table.add_row(column, _fmt(values.iloc[-1]), _fmt(best(values)))
+    table.add_row("seconds per round (median)", _fmt(rounds["seconds"].dropna().median()), "")
+    return table
+
+
+@app.command()
+def run(
+    experiment: Annotated[Path, typer.Argument(help="experiment spec (TOML)")],
+    set_: Annotated[list[str], typer.Option(
+        "--set", help="override a key: --set strategy.name=fedprox")] = [],  # noqa: B006
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
+) -> None:
+    """Run one federated simulation and write its run directory."""
+    from fedsim.config import load_config
+    from fedsim.registry import check_config
+    from fedsim.runner import run_experiment
+
+    try:
+        config = load_config(experiment, set_)
+        check_config(config)
+        rounds = config.experiment.rounds
+        columns = [TextColumn("round {task.completed}/{task.total}"), BarColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[status]}")]
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("rounds", total=rounds, status="starting workers...")
+
+            def progress(rnd: int, row: dict) -> None:
+                acc = row.get("test_accuracy")
+                status = f"acc {acc:.4f}" if acc is not None else ""
+                if row.get("num_failures"):
+                    status += f"  failures {int(row['num_failures'])}"
+                bar.update(task, completed=rnd, status=status)
+
+            summary = run_experiment(config, progress=progress, verbose=verbose)
+    except FedsimError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    console.print(_summary_table(summary.rounds))
+    console.print(f"run directory: {summary.run_dir}  ({summary.seconds:.1f} s)")
+
+
+@app.command()
+def strategies() -> None:
+    """List the available strategies and their parameters."""
+    from fedsim.registry import STRATEGIES
+
+    for name, cls in sorted(STRATEGIES.items()):
+        params = ", ".join(f"{k}={f.default}" for k, f in cls.Params.model_fields.items())
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        typer.echo(f"{name:10s} {params or '-'}    {doc}")
+
+
+def main() -> None:
+    """Entry point of the `fedsim` console command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""End-to-end runs: reproducibility, Ray/in-process parity, failures, incremental results."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import clients.runtime
+from fedsim.config import load_config
+from fedsim.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "experiments" / "quickstart.toml"
+TIMING = ["seconds", "train_seconds"]
+
+
+def run(tmp_path: Path, name: str, *overrides: str):
+    config = load_config(QUICKSTART, [f"output.run_dir='{tmp_path / name}'", *overrides])
+    return run_experiment(config)
+
+
+def metrics(run_dir: Path, table: str = "rounds") -> pd.DataFrame:
+    frame = pd.read_parquet(run_dir / f"{table}.parquet")
+    return frame.drop(columns=[c for c in TIMING if c in frame])
+
+
+def model(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "model.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+FAST = ("engine.backend=inprocess", "experiment.rounds=4")
+
+
+def test_same_seed_same_results_other_seed_other_results(tmp_path):
+    a = run(tmp_path, "a", *FAST)
+    b = run(tmp_path, "b", *FAST)
+    c = run(tmp_path, "c", *FAST, "experiment.seed=1")
+    pd.testing.assert_frame_equal(metrics(a.run_dir), metrics(b.run_dir))
+    pd.testing.assert_frame_equal(metrics(a.run_dir, "clients"), metrics(b.run_dir, "clients"))
+    assert not np.allclose(metrics(a.run_dir).test_loss, metrics(c.run_dir).test_loss)
+
+
+def test_run_directory_contents(tmp_path):
+    summary = run(tmp_path, "r", *FAST)
+    rounds = pd.read_parquet(summary.run_dir / "rounds.parquet")
+    assert rounds["round"].tolist() == [0, 1, 2, 3, 4]
+    assert {"test_accuracy", "test_loss", "train_loss", "num_failures", "bytes_exchanged"} <= set(rounds)
+    per_client = pd.read_parquet(summary.run_dir / "clients.parquet")
+    assert {"round", "client_id", "num_examples", "train_loss", "eval_accuracy",
+            "train_seconds"} <= set(per_client)
+    trained = per_client.dropna(subset=["train_loss"])
+    assert (trained.groupby("round").size() == 10).all()
+    assert (summary.run_dir / "config.json").exists() and (summary.run_dir / "log.txt").exists()
+    assert set(model(summary.run_dir)) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+
+
+def test_failing_client_is_reported_and_the_round_goes_on(tmp_path, monkeypatch):
+    original = clients.runtime._train_one
+
+    def flaky(res, task, index, *args):
+        if task.clients[index].client_id % 2 == 0:
+            raise RuntimeError("disk on fire")
+        return original(res, task, index, *args)
+
+    monkeypatch.setattr(clients.runtime, "_train_one", flaky)
+    summary = run(tmp_path, "f", *FAST)
+    rounds = pd.read_parquet(summary.run_dir / "rounds.parquet").set_index("round")
+    assert (rounds.loc[1:, "num_failures"] > 0).all()
+    assert (rounds.loc[1:, "num_clients"] > 0).all()
+    per_client = pd.read_parquet(summary.run_dir / "clients.parquet")
+    failed = per_client.dropna(subset=["error"])
+    assert (failed.client_id % 2 == 0).all() and failed.error.str.contains("disk on fire").all()
+    assert "client" in (summary.run_dir / "log.txt").read_text()
+
+
+def test_a_crash_keeps_the_finished_rounds(tmp_path, monkeypatch):
+    from strategies.fedavg import FedAvg
+
+    def crash_in_round_3(self, server_round, current, result):
+        if server_round == 3:
+            raise RuntimeError("crash")
+        return result.means["model"]
+
+    monkeypatch.setattr(FedAvg, "aggregate", crash_in_round_3)
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path, "x", *FAST)
+    assert pd.read_parquet(tmp_path / "x" / "rounds.parquet")["round"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_quickstart_on_ray_reaches_target_and_matches_the_plain_loop(tmp_path):
+    on_ray = run(tmp_path, "ray")
+    plain = run(tmp_path, "plain", "engine.backend=inprocess")
+    assert on_ray.rounds.test_accuracy.iloc[-1] >= 0.85
+    ray_model, plain_model = model(on_ray.run_dir), model(plain.run_dir)
+    for name in ray_model:
+        np.testing.assert_allclose(ray_model[name], plain_model[name], atol=1e-5)
+    columns = ["test_accuracy", "test_loss", "train_loss", "client_eval_accuracy"]
+    np.testing.assert_allclose(on_ray.rounds[columns], plain.rounds[columns], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ray_runs_with_client_state_are_reproducible(tmp_path):
+    spec = ("strategy.name=scaffold", "experiment.rounds=3", "evaluation.client_fraction=0.5")
+    a, b = run(tmp_path, "a", *spec), run(tmp_path, "b", *spec)
+    exchanged = ["bytes_exchanged"]
+    pd.testing.assert_frame_equal(metrics(a.run_dir).drop(columns=exchanged),
+                                  metrics(b.run_dir).drop(columns=exchanged))
+    assert len(list((a.run_dir / "client_state" / "scaffold_control").glob("*.npz"))) > 10
+
+
+def fedsim_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_runs_and_prints_the_run_directory(tmp_path):
+    out = fedsim_cli("run", str(QUICKSTART), "--set", "engine.backend=inprocess",
+                     "--set", "experiment.rounds=2", "--set", f"output.run_dir='{tmp_path / 'cli'}'")
+    assert out.returncode == 0, out.stderr
+    assert f"run directory: {tmp_path / 'cli'}" in out.stderr
+    assert "test_accuracy" in out.stderr and (tmp_path / "cli" / "rounds.parquet").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.num_client=3", "error: invalid experiment config: unknown key 'data.num_client'"),
+    ("strategy.name=fedx", "error: unknown strategy 'fedx'"),
+    ("data.partition.alpha=0", "error: invalid experiment config: data.partition.alpha = 0"),
+])
+def test_cli_bad_input_is_one_clear_line(override, message):
+    out = fedsim_cli("run", str(QUICKSTART), "--set", override)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(message) and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_data_file_is_one_clear_line(tmp_path):
+    out = fedsim_cli("run", str(QUICKSTART), "--set", "data.dataset=fashion-mnist",
+                     "--set", f"data.root='{tmp_path}'", "--set", "engine.backend=inprocess")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not download") and "Put 'train-images-idx3-ubyte.gz'" in last

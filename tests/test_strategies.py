@@ -1,0 +1,139 @@
+"""Strategy math against hand-computed closed forms, and packing/unpacking invariants."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from clients.objectives import ControlVariates, ObjectiveContext, Proximal
+from clients.state import ClientStateStore
+from fedsim.config import load_config
+from fedsim.engine.packing import pack_balanced
+from fedsim.engine.protocol import ClientResult, WorkerResult, encode_result
+from fedsim.registry import build_strategy
+from strategies.base import RoundResult
+
+
+def make(name: str, *overrides: str, sizes=(10, 20, 30, 40)):
+    config = load_config(None, [f"strategy.name={name}", *overrides])
+    return build_strategy(config, np.array(sizes), ["w"], run_dir="")
+
+
+def test_packing_assigns_every_client_once_and_balances_load():
+    sizes = np.array([50, 10, 40, 30, 20, 60, 5])
+    bins = pack_balanced(range(7), sizes, 3)
+    assert sorted(itertools.chain(*bins)) == list(range(7))
+    loads = [sizes[b].sum() for b in bins]
+    best = min(max(sizes[[c for c in range(7) if a[c] == k]].sum() for k in range(3))
+               for a in itertools.product(range(3), repeat=7))
+    assert max(loads) <= 4 / 3 * best  # the LPT guarantee, checked against brute force
+    assert pack_balanced(range(7), sizes, 3) == bins
+    assert pack_balanced([1], sizes, 3) == [[1], [], []]
+
+
+def reply(clients: dict[int, tuple[float, np.ndarray]], reduce: bool):
+    result = WorkerResult()
+    for cid, (n, w) in clients.items():
+        outputs = {"model": {"w": w}}
+        if reduce:
+            result.sums.setdefault("model", {"w": np.zeros_like(w, dtype=np.float64)})
+            result.sums["model"]["w"] += n * w
+            result.weights["model"] = result.weights.get("model", 0.0) + n
+            outputs = {}
+        result.clients.append(ClientResult(cid, {"num_examples": n, "train_loss": 1.0}, outputs))
+    return encode_result(result)
+
+
+@pytest.mark.parametrize("reduce", [True, False])
+def test_fedavg_is_the_sample_weighted_mean_in_any_arrival_order(reduce):
+    strategy = make("fedavg")
+    strategy.per_client_updates = not reduce
+    strategy.current = {"w": np.zeros(3, np.float32)}
+    models = {c: np.random.default_rng(c).normal(size=3).astype(np.float32) for c in range(4)}
+    sizes = {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0}
+    replies = [([0, 3], reply({0: (10.0, models[0]), 3: (40.0, models[3])}, reduce), ""),
+               ([1, 2], reply({1: (20.0, models[1]), 2: (30.0, models[2])}, reduce), "")]
+    expected = sum(sizes[c] * models[c].astype(np.float64) for c in range(4)) / 100.0
+    new, metrics = strategy.finish_train(1, replies)
+    new_reversed, _ = strategy.finish_train(1, replies[::-1])
+    np.testing.assert_allclose(new["w"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(new["w"], new_reversed["w"])
+    assert [c.client_id for c in strategy.last_train.clients] == [0, 1, 2, 3]
+    assert new["w"].dtype == np.float32 and metrics["num_clients"] == 4
+
+
+def test_worker_failure_marks_its_clients_failed_and_the_round_goes_on():
+    strategy = make("fedavg")
+    strategy.current = {"w": np.zeros(2, np.float32)}
+    replies = [([0, 1], None, "worker error: boom"),
+               ([2], reply({2: (5.0, np.ones(2, np.float32))}, True), "")]
+    new, metrics = strategy.finish_train(1, replies)
+    np.testing.assert_allclose(new["w"], 1.0)
+    assert metrics["num_failures"] == 2 and set(strategy.last_train.failures) == {0, 1}
+
+
+def result_with_mean(mean: np.ndarray) -> RoundResult:
+    return RoundResult(clients=[ClientResult(0, {"num_examples": 1.0})],
+                       means={"model": {"w": mean}})
+
+
+def test_fedavgm_matches_the_momentum_recursion():
+    strategy = make("fedavgm", "strategy.server_lr=0.5", "strategy.momentum=0.9")
+    w = np.array([1.0, -2.0])
+    v = np.zeros(2)
+    for target in ([2.0, 0.0], [0.0, 1.0], [3.0, 3.0]):
+        delta = np.array(target) - w
+        v = 0.9 * v + delta
+        expected = w + 0.5 * v
+        w = strategy.aggregate(1, {"w": w}, result_with_mean(np.array(target)))["w"]
+        np.testing.assert_allclose(w, expected)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_fedopt_matches_the_paper_updates(name):
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    strategy = make(name, f"strategy.server_lr={eta}", f"strategy.tau={tau}")
+    w, m, v = np.array([0.5, -0.5]), np.zeros(2), np.full(2, tau**2)
+    for target in ([1.0, 0.0], [0.0, 0.0], [2.0, -1.0]):
+        d = np.array(target) - w
+        m = b1 * m + (1 - b1) * d
+        v = (b2 * v + (1 - b2) * d**2 if name == "fedadam"
+             else v - (1 - b2) * d**2 * np.sign(v - d**2))
+        expected = w + eta * m / (np.sqrt(v) + tau)
+        w = strategy.aggregate(1, {"w": w}, result_with_mean(np.array(target)))["w"]
+        np.testing.assert_allclose(w, expected)
+
+
+def test_proximal_and_control_variate_terms_have_the_right_gradients(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    anchor = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    server_c = {f"control.{n}": torch.randn_like(p) for n, p in model.named_parameters()}
+    ctx = ObjectiveContext(0, anchor, server_c, ClientStateStore(tmp_path))
+    logits, y = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    Proximal(ctx, mu=0.3).penalty(model, logits, y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 0.3 * (p.detach() - anchor[n]))
+    model.zero_grad()
+    ControlVariates(ctx).penalty(model, logits, y).backward()
+    for n, p in model.named_parameters():  # no stored c_i yet: the correction is c itself
+        torch.testing.assert_close(p.grad, server_c[f"control.{n}"])
+
+
+def test_scaffold_server_update_follows_the_paper():
+    strategy = make("scaffold", sizes=(10,) * 8)
+    strategy.current = {"w": np.zeros(2, np.float32)}
+    strategy.broadcast(1)
+    result = RoundResult(clients=[ClientResult(c, {"num_examples": 1.0}) for c in range(2)],
+                         means={"model": {"w": np.array([1.0, 2.0], np.float32)},
+                                "control_delta": {"w": np.array([4.0, -8.0], np.float32)}})
+    new = strategy.aggregate(1, strategy.current, result)
+    np.testing.assert_allclose(new["w"], [1.0, 2.0])
+    np.testing.assert_allclose(strategy.control["w"], [1.0, -2.0])  # |S|/N = 2/8
+
+
+def test_cohorts_are_seeded_per_round():
+    a, b = make("fedavg", sizes=(10,) * 100), make("fedavg", sizes=(10,) * 100)
+    assert a.sample_cohort(3) == b.sample_cohort(3)
+    assert a.sample_cohort(3) != a.sample_cohort(4)
+    assert len(a.sample_cohort(3)) == 10 and len(set(a.sample_cohort(3))) == 10
