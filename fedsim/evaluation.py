@@ -10,7 +10,7 @@ from torch.nn import functional as F
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 1024) -> dict[str, float]:
-    """Mean loss and accuracy of `model` over all of (x, y), in eval mode."""
+    """Mean loss and accuracy of `model` over all of (x, y), in eval mode (NaN when empty)."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
@@ -20,5 +20,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         total_loss += F.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(dim=1) == target).sum().item()
     model.train(was_training)
-    n = max(len(y), 1)
-    return {"loss": total_loss / n, "accuracy": correct / n, "num_examples": float(len(y))}
+    n = len(y)
+    if n == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0.0}
+    return {"loss": total_loss / n, "accuracy": correct / n, "num_examples": float(n)}

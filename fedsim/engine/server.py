@@ -75,6 +75,7 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: An
     for rnd in range(1, rounds + 1):
         started = time.perf_counter()
         new, row, sent = transport.train(rnd, arrays)
+        row["train_seconds"] = time.perf_counter() - started
         if new is not None:
             arrays = new
         else:

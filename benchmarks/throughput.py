@@ -1,0 +1,204 @@
+"""Seconds per round of one FedAvg workload, three ways, side by side.
+
+  raw     a plain sequential PyTorch FedAvg loop in one process (the faster of 1 and 2 threads)
+  fedsim  fedsim on Flower + Ray: W = 2 workers, many virtual clients per message
+  flower  one Flower node per client with Flower's own FedAvg (how Flower is usually used)
+
+Workloads: `cnn` (Fashion-MNIST, 1000 clients x 60 examples, cohort 50, small CNN, batch 10,
+lr 0.1) and `tiny` (Synthetic(1,1), 1000 clients, cohort 100, logistic regression, batch 10).
+Then the scale check: fedsim on `tiny` with 1,000 vs 100,000 clients at the same cohort.
+Each measurement runs in a fresh subprocess; peak memory is the RSS summed over its process tree.
+The last line printed is JSON with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = {
+    "cnn": ["data.dataset=fashion-mnist", "data.num_clients=1000", "data.partition.kind=iid",
+            "data.client_test_fraction=0", "data.partition.min_size=1", "model.name=cnn",
+            "strategy.clients_per_round=50", "client.batch_size=10", "client.lr=0.1"],
+    "tiny": ["data.dataset=synthetic", "data.partition.kind=natural", "data.num_clients=1000",
+             "data.synthetic.alpha=1", "data.synthetic.beta=1", "model.name=logreg",
+             "strategy.clients_per_round=100", "client.batch_size=10", "client.lr=0.01"],
+}
+COMMON = ["client.local_epochs=1", "evaluation.client_fraction=0", "engine.workers=2",
+          "output.save_model=false"]
+
+
+def tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(entry)] = int(Path(f"/proc/{entry}/statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakMemory(threading.Thread):
+    """Samples the process tree's RSS every 0.2 s and keeps the maximum."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.done = 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
+
+
+def load(overrides: list[str]):
+    from fedsim.config import load_config
+
+    return load_config(None, overrides)
+
+
+def raw_loop(config, threads: int) -> list[float]:
+    """Sequential FedAvg: every client trains the one model in turn; weighted mean per round."""
+    import torch
+
+    from clients.training import LocalData, train_locally
+    from fedsim.data.federation import build_federation
+    from fedsim.models import build_model
+    from fedsim.seeding import derive_seed
+    from strategies.fedavg import FedAvg
+
+    torch.set_num_threads(threads)
+    fed = build_federation(config.data, config.experiment.seed)
+    model = build_model(config.model, fed.input_shape, fed.num_classes, config.experiment.seed)
+    sampler = FedAvg(config, fed.train_sizes, [], "")
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    times = []
+    for rnd in range(1, config.experiment.rounds + 1):
+        start = time.perf_counter()
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        weight = 0.0
+        for cid in sampler.sample_cohort(rnd):
+            model.load_state_dict(global_state)
+            d = fed.client_data(cid)
+            data = LocalData(*(torch.as_tensor(a) for a in (d.x_train, d.y_train, d.x_test, d.y_test)))
+            train_locally(model, data, config.client, [], derive_seed(0, rnd, cid), config.client.lr)
+            n = float(len(d.y_train))
+            for k, v in model.state_dict().items():
+                total[k] += n * v.double()
+            weight += n
+        global_state = {k: (v / weight).to(global_state[k].dtype) for k, v in total.items()}
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def fedsim_run(config) -> list[float]:
+    from fedsim.runner import run_experiment
+
+    summary = run_experiment(config)
+    return summary.rounds["train_seconds"].dropna().tolist()  # rounds 1..R, evaluation excluded
+
+
+def flower_run(config) -> list[float]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from flower_per_client import run
+
+    from fedsim.data.federation import build_federation
+    from fedsim.models import build_model
+
+    fed = build_federation(config.data, config.experiment.seed)
+    model = build_model(config.model, fed.input_shape, fed.num_classes, config.experiment.seed)
+    return run(config, {k: torch.as_tensor(v) for k, v in model.state_dict().items()})
+
+
+def child(mode: str, overrides: list[str]) -> None:
+    """Run one measurement in this process and print its JSON result."""
+    config = load(overrides)
+    memory = PeakMemory()
+    memory.start()
+    if mode.startswith("raw"):
+        times = raw_loop(config, threads=int(mode[-1]))
+    elif mode == "fedsim":
+        times = fedsim_run(config)
+    else:
+        times = flower_run(config)
+    memory.done.set()
+    memory.peak = max(memory.peak, tree_rss_bytes(os.getpid()))
+    later = times[1:] if len(times) > 1 else times
+    print(json.dumps({"median": float(np.median(later)), "first": times[0], "peak_mb": memory.peak / 2**20}))
+
+
+def measure(mode: str, overrides: list[str]) -> dict:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--", *overrides],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--no-scale", action="store_true", help="skip the population scale check")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.child:
+        child(args.child, [a for a in rest if a != "--"])
+        return
+    rounds = 4 if args.quick else 10
+    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedsim-bench-{os.getpid()}"
+    summary: dict[str, dict[str, float]] = {}
+    print(f"{'workload':9s} {'way':12s} {'s/round':>9s} {'first':>7s} {'peak MB':>8s}")
+    for name in args.workloads:
+        spec = [*WORKLOADS[name], *COMMON, f"experiment.rounds={rounds}",
+                f"evaluation.every={rounds}", f"output.run_dir='{out_dir / name}'"]
+        results = {way: measure(way, spec) for way in ("raw1", "raw2", "fedsim", "flower")}
+        raw_way = min(("raw1", "raw2"), key=lambda w: results[w]["median"])
+        for way in ("raw1", "raw2", "fedsim", "flower"):
+            r = results[way]
+            label = way + (" *" if way == raw_way else "")
+            print(f"{name:9s} {label:12s} {r['median']:9.3f} {r['first']:7.2f} {r['peak_mb']:8.0f}")
+        raw, fed, flower = (results[raw_way]["median"], results["fedsim"]["median"],
+                            results["flower"]["median"])
+        summary[name] = {"fedsim_over_raw": round(fed / raw, 3),
+                         "flower_per_client_over_fedsim": round(flower / fed, 3)}
+        print(f"{name:9s} fedsim/raw = {fed / raw:.2f}   flower-per-client/fedsim = {flower / fed:.2f}")
+    if not args.no_scale:
+        scale = {}
+        for population in (1_000, 100_000):
+            spec = [*WORKLOADS["tiny"], *COMMON, f"data.num_clients={population}",
+                    "data.synthetic.max_client_size=200", f"experiment.rounds={rounds}",
+                    f"evaluation.every={rounds}", f"output.run_dir='{out_dir / str(population)}'"]
+            scale[population] = measure("fedsim", spec)
+            print(f"{'scale':9s} {population:>7d} clients {scale[population]['median']:9.3f} s/round "
+                  f"{scale[population]['peak_mb']:8.0f} MB")
+        summary["scale"] = {"100k_over_1k": round(scale[100_000]["median"] / scale[1_000]["median"], 3)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
