@@ -35,9 +35,7 @@ def train(msg: Message, context: Context) -> Message:
     cid = int(context.node_config["partition-id"])
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     data = fed.client_data(cid)
-    local = LocalData(*(torch.as_tensor(a) for a in (data.x_train, data.y_train, data.x_test,
-                                                      data.y_test)))
-    train_locally(model, local, config.client, [], seed=cid, lr=config.client.lr)
+    train_locally(model, LocalData.from_arrays(data), config.client, [], seed=cid, lr=config.client.lr)
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                           "metrics": MetricRecord({"num-examples": len(data.y_train)})})
     return Message(content=content, reply_to=msg)

@@ -101,8 +101,8 @@ def raw_loop(config, threads: int) -> list[float]:
         for cid in sampler.sample_cohort(rnd):
             model.load_state_dict(global_state)
             d = fed.client_data(cid)
-            data = LocalData(*(torch.as_tensor(a) for a in (d.x_train, d.y_train, d.x_test, d.y_test)))
-            train_locally(model, data, config.client, [], derive_seed(0, rnd, cid), config.client.lr)
+            train_locally(model, LocalData.from_arrays(d), config.client, [],
+                          derive_seed(0, rnd, cid), config.client.lr)
             n = float(len(d.y_train))
             for k, v in model.state_dict().items():
                 total[k] += n * v.double()

@@ -56,9 +56,7 @@ class Resident:
             train = torch.as_tensor(fed.train_idx[client_id], device=self.device)
             test = torch.as_tensor(fed.test_idx[client_id], device=self.device)
             return LocalData(x[train], y[train], x[test], y[test])
-        data = fed.client_data(client_id)
-        return LocalData(*(torch.as_tensor(a, device=self.device)
-                           for a in (data.x_train, data.y_train, data.x_test, data.y_test)))
+        return LocalData.from_arrays(fed.client_data(client_id), self.device)
 
     def load_global(self, arrays: dict[str, torch.Tensor]) -> None:
         """Copy the global weights into the resident model in place."""

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from clients.objectives import Objective
 from fedsim.config import ClientSection
+from fedsim.data.federation import ClientData
 
 
 @dataclass
@@ -22,6 +23,12 @@ class LocalData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, data: ClientData, device: torch.device | str = "cpu") -> LocalData:
+        """Move one client's numpy arrays onto `device`."""
+        return cls(*(torch.as_tensor(a, device=device)
+                     for a in (data.x_train, data.y_train, data.x_test, data.y_test)))
 
 
 def make_optimizer(model: nn.Module, settings: ClientSection, lr: float) -> torch.optim.Optimizer:
