@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.sgd import sgd
 
 from clients.objectives import Objective
 from fedsim.config import ClientSection
@@ -31,12 +32,37 @@ class LocalData:
                      for a in (data.x_train, data.y_train, data.x_test, data.y_test)))
 
 
-def make_optimizer(model: nn.Module, settings: ClientSection, lr: float) -> torch.optim.Optimizer:
+class LeanSGD:
+    """`torch.optim.SGD`'s update rule (PyTorch's own `torch.optim.sgd.sgd`) without the Optimizer
+    wrapper's per-step bookkeeping, which costs more than the arithmetic for small models
+    (about a third of a logistic-regression step on batches of 10)."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        buffers = [self.buffers[i] for i in live]
+        sgd([self.params[i] for i in live], [self.params[i].grad for i in live], buffers,
+            foreach=False, weight_decay=self.weight_decay, momentum=self.momentum, lr=self.lr,
+            dampening=0.0, nesterov=False, maximize=False)
+        for i, buffer in zip(live, buffers, strict=True):
+            self.buffers[i] = buffer
+
+
+def make_optimizer(model: nn.Module, settings: ClientSection, lr: float) -> torch.optim.Optimizer | LeanSGD:
     """A fresh local optimizer (no state carried between rounds)."""
     if settings.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum,
-                           weight_decay=settings.weight_decay)
+    return LeanSGD(model.parameters(), lr=lr, momentum=settings.momentum,
+                   weight_decay=settings.weight_decay)
 
 
 def planned_steps(num_examples: int, settings: ClientSection) -> int:
@@ -63,10 +89,10 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
     loss_sum, done = torch.zeros((), device=data.x_train.device), 0
     while done < steps:
         order = torch.randperm(n, generator=generator).to(data.x_train.device)
+        inputs, labels = data.x_train[order], data.y_train[order]  # one gather per pass
         for start in range(0, n, settings.batch_size):
-            batch = order[start:start + settings.batch_size]
-            logits = model(data.x_train[batch])
-            targets = data.y_train[batch]
+            logits = model(inputs[start:start + settings.batch_size])
+            targets = labels[start:start + settings.batch_size]
             loss = F.cross_entropy(logits, targets)
             for term in objectives:
                 loss = loss + term.penalty(model, logits, targets)
