@@ -106,7 +106,8 @@ def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
     objectives = build_objectives(client.config.get("objectives", {}), ctx)
     lr = float(client.config.get("lr", config.client.lr))
     seed = derive_seed(config.experiment.seed, task.round, client.client_id)
-    metrics = train_locally(res.model, data, config.client, objectives, seed, lr)
+    metrics = train_locally(res.model, data, config.client, objectives, seed, lr,
+                            steps=client.config.get("local_steps"))
     outputs = {"model": _numpy_state(res.model)}
     for term in objectives:
         outputs.update(term.finish(res.model, int(metrics["steps"]), lr))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ from torch.optim.sgd import sgd
 from clients.objectives import Objective
 from fedsim.config import ClientSection
 from fedsim.data.federation import ClientData
+from fedsim.system import planned_steps
 
 
 @dataclass
@@ -65,16 +65,12 @@ def make_optimizer(model: nn.Module, settings: ClientSection, lr: float) -> torc
                    weight_decay=settings.weight_decay)
 
 
-def planned_steps(num_examples: int, settings: ClientSection) -> int:
-    """Local steps: `local_steps` if set, else local_epochs passes of ceil(n / batch) batches."""
-    if settings.local_steps is not None:
-        return settings.local_steps
-    return settings.local_epochs * math.ceil(num_examples / settings.batch_size)
-
-
 def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
-                  objectives: list[Objective], seed: int, lr: float) -> dict[str, float]:
+                  objectives: list[Objective], seed: int, lr: float,
+                  steps: int | None = None) -> dict[str, float]:
     """Train `model` in place on the client's data; returns the mean loss and counts.
+
+    `steps` (a straggler's reduced work) overrides the planned number of local steps.
 
     Batches come from reshuffled passes over the data, drawn from a generator seeded with
     `seed`, so a client's training is a pure function of (global weights, data, seed).
@@ -83,7 +79,7 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     n = len(data.y_train)
-    steps = planned_steps(n, settings)
+    steps = steps if steps is not None else planned_steps(n, settings)
     optimizer = make_optimizer(model, settings, lr)
     model.train()
     loss_sum, done = torch.zeros((), device=data.x_train.device), 0

@@ -75,6 +75,46 @@ def run(
 
 
 @app.command()
+def partition(
+    experiment: Annotated[Path, typer.Argument(help="experiment spec (TOML)")],
+    set_: Annotated[list[str], typer.Option(
+        "--set", help="override a key: --set data.partition.alpha=0.1")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(
+        help="heatmap image (default: <output.dir>/<name>-partition.png)")] = None,
+    rows: Annotated[int, typer.Option(help="clients to list (all: 0)")] = 30,
+) -> None:
+    """Show how an experiment splits its data: per-client sizes and label counts, heterogeneity
+    statistics, and a clients x classes heatmap."""
+    from fedsim.config import load_config
+    from fedsim.data import stats
+    from fedsim.data.federation import build_federation
+    from fedsim.registry import check_config
+
+    try:
+        config = load_config(experiment, set_)
+        check_config(config)
+        counts = stats.label_counts(build_federation(config.data, config.experiment.seed))
+    except FedsimError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    table = stats.counts_table(counts)
+    listed = table if rows <= 0 else table.head(rows)
+    grid = Table(title=f"{config.data.dataset}: {config.data.partition.kind} partition "
+                 f"({len(table)} clients{'' if len(listed) == len(table) else f', first {len(listed)}'})")
+    for column in ["client", *table.columns]:
+        grid.add_column(column.removeprefix("class_"), justify="right")
+    for client_id, row in listed.iterrows():
+        grid.add_row(str(client_id), *(str(v) for v in row))
+    console.print(grid)
+    for key, value in stats.summarize(counts).items():
+        console.print(f"{key:20s} {value:.4g}")
+    out = out or config.output.dir / f"{config.experiment.name}-partition.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats.write_heatmap(counts, out, f"{config.data.dataset}, {config.data.partition.kind}")
+    console.print(f"heatmap: {out}")
+
+
+@app.command()
 def strategies() -> None:
     """List the available strategies and their parameters."""
     from fedsim.registry import STRATEGIES

@@ -28,9 +28,41 @@ class ExperimentSection(Section):
 
 
 class PartitionSection(Section):
-    kind: Literal["iid", "dirichlet", "natural"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0)
+    """How the training set is split over clients (label, quantity and sensitive-attribute skew)."""
+
+    kind: Literal["iid", "dirichlet", "pathological", "shards", "natural", "sensitive",
+                  "heterogeneity", "synergy"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (labels, or groups for 'sensitive')")
+    classes_per_client: int = Field(2, ge=1, description="pathological: classes each client holds")
+    shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards per client")
     min_size: int = Field(10, ge=1, description="minimum training examples per client")
+    sizes: Literal["equal", "lognormal", "powerlaw", "dirichlet"] = Field(
+        "equal", description="quantity skew of client sizes (kinds iid and dirichlet)")
+    size_sigma: float = Field(1.0, gt=0, description="sizes = 'lognormal': sigma of log size")
+    size_exponent: float = Field(1.5, gt=0, description="sizes = 'powerlaw': Pareto tail exponent")
+    size_alpha: float = Field(1.0, gt=0, description="sizes = 'dirichlet': concentration over clients")
+    imbalance: float = Field(1.0, ge=1, description="global long tail: largest / smallest class count")
+    majority_share: float = Field(0.92, ge=0, le=1, description="heterogeneity: share of group 1 "
+                                  "on the first half of the clients (group 0 gets 1 - share)")
+    swap_fraction: float = Field(0.01, ge=0, le=1, description="synergy: share of examples crossing halves")
+
+    @model_validator(mode="after")
+    def _sizes_need_a_size_free_kind(self) -> PartitionSection:
+        if self.sizes != "equal" and self.kind not in ("iid", "dirichlet"):
+            raise ValueError(f"sizes = '{self.sizes}' works with kind 'iid' or 'dirichlet', "
+                             f"not '{self.kind}' (its sizes follow from the split)")
+        return self
+
+
+class FeatureSection(Section):
+    """Feature / domain skew: client k's inputs are transformed as domain k mod `domains`."""
+
+    kind: Literal["none", "rotation", "noise", "invert", "blur", "mixed", "shift"] = "none"
+    domains: int = Field(4, ge=1)
+    max_rotation: float = Field(90.0, description="degrees, reached by the last domain")
+    max_noise: float = Field(0.5, ge=0, description="noise standard deviation of the last domain")
+    max_blur: float = Field(2.0, ge=0, description="Gaussian blur sigma (pixels) of the last domain")
+    max_shift: float = Field(1.0, ge=0, description="feature shift length of the last domain")
 
 
 class SyntheticSection(Section):
@@ -51,7 +83,9 @@ class DataSection(Section):
     root: Path | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1, description="global held-out test share")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    sensitive: str | None = Field(None, description="sensitive attribute (adult: sex|race; german: sex|age)")
     partition: PartitionSection = Field(default_factory=PartitionSection)
+    features: FeatureSection = Field(default_factory=FeatureSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
 
     @model_validator(mode="after")
@@ -74,6 +108,17 @@ class ClientSection(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+
+
+class SystemSection(Section):
+    """System heterogeneity: dropout, stragglers, client speeds and a round deadline (all seeded)."""
+
+    dropout: float = Field(0.0, ge=0, lt=1, description="chance a sampled client drops out of a round")
+    stragglers: float = Field(0.0, ge=0, le=1, description="fraction of clients that straggle")
+    straggler_work: float = Field(0.5, gt=0, le=1, description="share of local steps stragglers do")
+    speed_sigma: float = Field(0.0, ge=0, description="client speed factor ~ LogNormal(0, sigma)")
+    step_seconds: float = Field(0.01, gt=0, description="simulated seconds per local step at speed 1")
+    deadline: float | None = Field(None, gt=0, description="simulated seconds; slower clients time out")
 
 
 class StrategySection(BaseModel):
@@ -119,6 +164,7 @@ class ExperimentConfig(Section):
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
     client: ClientSection = Field(default_factory=ClientSection)
+    system: SystemSection = Field(default_factory=SystemSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     engine: EngineSection = Field(default_factory=EngineSection)

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from fedsim.config import ExperimentConfig
-from fedsim.data.sources import check_dataset_name
+from fedsim.data.sources import check_dataset_name, check_sensitive
 from fedsim.errors import ConfigError
 from fedsim.models import check_model_name
 from strategies.base import FedsimStrategy
@@ -34,6 +34,7 @@ def strategy_class(name: str) -> type[FedsimStrategy]:
 def check_config(config: ExperimentConfig) -> None:
     """Checks that need the registries: names of dataset, model and strategy, strategy params."""
     check_dataset_name(config.data.dataset)
+    check_sensitive(config.data)
     check_model_name(config.model.name)
     cls = strategy_class(config.strategy.name)
     try:

@@ -53,6 +53,16 @@ class RunWriter:
             self.clients.extend(client_rows)
             _write_parquet(self.clients, self.run_dir / "clients.parquet")
 
+    def save_federation(self, counts: np.ndarray, title: str = "") -> None:
+        """The data split: per-client label counts, heterogeneity statistics, a heatmap."""
+        from fedsim.data import stats
+
+        stats.counts_table(counts).to_parquet(self.run_dir / "federation.parquet")
+        summary = stats.summarize(counts)
+        (self.run_dir / "federation.json").write_text(json.dumps(summary, indent=2))
+        stats.write_heatmap(counts, self.run_dir / "federation.png", title)
+        self.log("federation: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+
     def save_model(self, arrays: dict[str, np.ndarray]) -> None:
         np.savez(self.run_dir / "model.npz", **arrays)
 

@@ -12,6 +12,7 @@ import torch
 from clients.runtime import run_evaluate, run_train
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
+from fedsim.data.stats import label_counts
 from fedsim.engine.server import CentralEvaluator, ProgressCallback, run_rounds
 from fedsim.engine.transports import GridTransport, InProcessTransport
 from fedsim.errors import ConfigError
@@ -40,6 +41,8 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
     evaluator = CentralEvaluator.build(config, federation)
     run_dir = default_run_dir(config)
     writer = RunWriter(run_dir, config)
+    writer.save_federation(label_counts(federation),
+                           f"{config.data.dataset}, {config.data.partition.kind} partition")
     param_names = [name for name, _ in evaluator.model.named_parameters()]
     strategy = build_strategy(config, federation.train_sizes, param_names, str(run_dir.resolve()))
     started = time.perf_counter()

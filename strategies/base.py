@@ -32,6 +32,7 @@ from fedsim.engine.protocol import (
     to_record,
 )
 from fedsim.seeding import derive_seed
+from fedsim.system import RoundSystem, SystemModel
 
 SAMPLE_STREAM, EVAL_STREAM = 0x5A3B1E, 0xE7A1
 
@@ -49,6 +50,7 @@ class RoundResult:
     clients: list[ClientResult] = field(default_factory=list)
     failures: dict[int, str] = field(default_factory=dict)
     means: dict[str, Arrays] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)  # sampled but dropped out or timed out
 
     @property
     def num_examples(self) -> float:
@@ -84,6 +86,9 @@ class FedsimStrategy(FlowerStrategy):
         self.current: Arrays = {}
         self.last_train = RoundResult()
         self.last_evaluate = RoundResult()
+        self.system = SystemModel(config.system, self.client_sizes, config.client, self.seed)
+        self.last_system = RoundSystem(participants=[])
+        self.simulated_clock = 0.0
         self._pending: dict[int, list[int]] = {}
 
     # ---- what subclasses customise -------------------------------------------------------
@@ -122,6 +127,11 @@ class FedsimStrategy(FlowerStrategy):
         rng = np.random.default_rng(derive_seed(self.seed, server_round, SAMPLE_STREAM))
         return sorted(int(c) for c in rng.choice(self.num_clients, self.cohort_size(), replace=False))
 
+    def train_cohort(self, server_round: int) -> list[int]:
+        """The sampled clients that take part once dropout and the deadline have struck."""
+        self.last_system = self.system.round(server_round, self.sample_cohort(server_round))
+        return self.last_system.participants
+
     def evaluation_cohort(self, server_round: int) -> list[int]:
         fraction = self.config.evaluation.client_fraction
         k = int(round(fraction * self.num_clients))
@@ -142,12 +152,18 @@ class FedsimStrategy(FlowerStrategy):
         for group in pack_balanced(cohort, self.client_sizes, num_workers):
             if not group:
                 continue
-            clients = [ClientTask(cid, dict(common),
+            clients = [ClientTask(cid, self._client_config(common, cid, train),
                                   self.client_arrays(server_round, cid) if train else {})
                        for cid in group]
             tasks.append(Task(server_round, self.config.to_json_dict(), arrays, clients,
                               broadcast, reduce, self.run_dir))
         return tasks
+
+    def _client_config(self, common: dict[str, Any], client_id: int, train: bool) -> dict[str, Any]:
+        config = dict(common)
+        if train and client_id in self.last_system.reduced_steps:
+            config["local_steps"] = self.last_system.reduced_steps[client_id]
+        return config
 
     # ---- unpacking -----------------------------------------------------------------------
     def unpack(self, replies: Iterable[Reply]) -> RoundResult:
@@ -181,10 +197,17 @@ class FedsimStrategy(FlowerStrategy):
     def finish_train(self, server_round: int, replies: Iterable[Reply]) -> tuple[Arrays | None, dict]:
         """Aggregate a round's training replies into new global arrays and round metrics."""
         result = self.unpack(replies)
+        result.skipped = dict(self.last_system.skipped)
         self.last_train = result
+        self.simulated_clock += self.last_system.simulated_seconds
+        skipped = list(result.skipped.values())
         metrics = {"train_loss": result.weighted_metric("train_loss"),
                    "num_clients": float(len(result.clients)),
-                   "num_failures": float(len(result.failures))}
+                   "num_failures": float(len(result.failures)),
+                   "num_dropped": float(skipped.count("dropped")),
+                   "num_timed_out": float(skipped.count("timed out")),
+                   "simulated_seconds": self.last_system.simulated_seconds,
+                   "simulated_clock": self.simulated_clock}
         if not result.clients:
             return None, metrics
         new = self.aggregate(server_round, self.current, result)
@@ -224,7 +247,7 @@ class FedsimStrategy(FlowerStrategy):
                         grid: Grid) -> Iterable[Message]:
         current = from_record(arrays)
         num_workers = len(list(grid.get_node_ids()))
-        tasks = self.plan(server_round, current, self.sample_cohort(server_round),
+        tasks = self.plan(server_round, current, self.train_cohort(server_round),
                           num_workers, train=True)
         return self._messages(tasks, grid, MessageType.TRAIN, server_round)
 

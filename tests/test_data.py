@@ -9,10 +9,12 @@ import pytest
 
 from fedsim.config import load_config
 from fedsim.data import download as dl
+from fedsim.data import tabular
 from fedsim.data.federation import build_federation
 from fedsim.data.partition import partition_labels
+from fedsim.data.sources import check_sensitive
 from fedsim.data.synthetic import SyntheticClients
-from fedsim.errors import DataError
+from fedsim.errors import ConfigError, DataError
 
 
 def test_digits_federation_is_a_disjoint_cover_of_the_training_set():
@@ -138,3 +140,53 @@ def test_offline_without_files_says_where_to_put_them(tmp_path):
     with pytest.raises(DataError, match="Put 'x.gz' into one of: .*nowhere"):
         dl.verified_file("demo", "x.gz", "0" * 64, [tmp_path / "nowhere"],
                          "http://127.0.0.1:9/x.gz")
+
+
+def test_adult_and_german_have_the_known_rows_and_sensitive_groups(data_dir):
+    adult = tabular.load_adult(data_dir)
+    assert len(adult.y_train) == 30162 and len(adult.y_test) == 15060  # 45,222 complete rows
+    assert adult.x_train.shape[1] == adult.x_test.shape[1] and adult.x_train.dtype == np.float32
+    assert adult.sensitive_groups == ("female", "male")
+    assert adult.sensitive_train.mean() == pytest.approx(0.676, abs=0.001)  # share of men
+    assert adult.y_train.mean() == pytest.approx(0.249, abs=0.001)  # income >50K
+    numeric = adult.x_train[:, :len(tabular.ADULT_NUMERIC)].astype(np.float64)
+    np.testing.assert_allclose(numeric.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(numeric.std(axis=0), 1.0, atol=1e-4)
+    german = tabular.load_german(data_dir, test_fraction=0.2, seed=0, attribute="age")
+    assert len(german.y_train) + len(german.y_test) == 1000 and german.y_train.mean() == 0.7
+    assert german.sensitive_groups == ("<=25", ">25")
+    female = tabular.load_german(data_dir, 0.2, 0).sensitive_train == 0
+    assert 0.30 < female.mean() < 0.33  # 310 of the 1,000 applicants are women
+
+
+def test_adult_downloads_from_its_home_and_verifies(http_server, data_dir):
+    served, base = http_server
+    for name in tabular.ADULT_FILES:
+        (served / name).write_bytes((data_dir / "adult" / name).read_bytes())
+    adult = tabular.load_adult(root=None, base_url=base)
+    assert len(adult.y_train) + len(adult.y_test) == 45222
+    assert (dl.cache_dir() / "adult" / "adult.data").is_file()
+
+
+def test_unknown_sensitive_attribute_is_a_config_error():
+    with pytest.raises(ConfigError, match="choose one of: sex, race"):
+        check_sensitive(load_config(None, ["data.dataset=adult", "data.sensitive=age"]).data)
+    with pytest.raises(ConfigError, match="digits has no sensitive attribute"):
+        check_sensitive(load_config(None, ["data.sensitive=sex"]).data)
+    with pytest.raises(ConfigError, match="needs a dataset with a sensitive attribute"):
+        check_sensitive(load_config(None, ["data.partition.kind=synergy"]).data)
+
+
+def test_feature_skew_transforms_each_domain_deterministically():
+    spec = ["data.features.kind=rotation", "data.features.domains=3", "data.num_clients=6"]
+    fed = build_federation(load_config(None, spec).data, seed=0)
+    plain = build_federation(load_config(None, spec[2:]).data, seed=0)
+    assert np.array_equal(fed.train_idx[0], plain.train_idx[0])  # the split does not change
+    x, x0 = fed.dataset.x_train, plain.dataset.x_train
+    for client in range(6):
+        idx = fed.train_idx[client]
+        changed = not np.allclose(x[idx], x0[idx])
+        assert changed == (client % 3 != 0)  # domain 0 is the original data
+    last = fed.train_idx[2][0]  # domain 2: the full 90 degrees
+    np.testing.assert_allclose(x[last, 0], np.rot90(x0[last, 0]), atol=1e-5)
+    assert set(np.unique(fed.test_domain)) == {0, 1, 2}

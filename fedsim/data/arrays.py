@@ -9,13 +9,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """A dataset held as arrays: float32 inputs, int64 labels, a predefined train/test split."""
+    """A dataset held as arrays: float32 inputs, int64 labels, a predefined train/test split,
+    and optionally a sensitive attribute's group index per row (for fairness)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    sensitive_train: np.ndarray | None = None
+    sensitive_test: np.ndarray | None = None
+    sensitive_name: str = ""
+    sensitive_groups: tuple[str, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedsim.config import DataSection
 from fedsim.data.arrays import ArrayDataset, stratified_split_indices
+from fedsim.data.features import apply_feature_skew
 from fedsim.data.partition import partition_labels
 from fedsim.data.sources import load_source
 from fedsim.data.synthetic import SyntheticClients
@@ -29,10 +30,11 @@ class IndexedFederation:
     """Clients as index arrays into one dataset's training arrays (held once per process)."""
 
     def __init__(self, dataset: ArrayDataset, train_idx: list[np.ndarray],
-                 test_idx: list[np.ndarray]) -> None:
+                 test_idx: list[np.ndarray], test_domain: np.ndarray | None = None) -> None:
         self.dataset = dataset
         self.train_idx = train_idx
         self.test_idx = test_idx
+        self.test_domain = test_domain  # feature skew: the domain of each global test example
         self.num_clients = len(train_idx)
         self.num_classes = dataset.num_classes
         self.input_shape = dataset.input_shape
@@ -80,10 +82,14 @@ def _build(spec: DataSection, seed: int) -> Federation:
     if spec.dataset == "synthetic":
         if spec.partition.kind != "natural":
             raise DataError("synthetic data has natural clients: set data.partition.kind = 'natural'")
+        if spec.features.kind != "none":
+            raise DataError("synthetic data has its own feature skew (data.synthetic.beta); "
+                            "set data.features.kind = 'none'")
         clients = SyntheticClients(spec.synthetic, spec.num_clients, seed)
         return NaturalFederation(clients, spec.client_test_fraction, spec.synthetic.eval_clients)
     dataset = load_source(spec, seed)
-    parts = partition_labels(dataset.y_train, spec.num_clients, spec.partition, seed)
+    parts = partition_labels(dataset.y_train, spec.num_clients, spec.partition, seed,
+                             groups=dataset.sensitive_train)
     rng = np.random.default_rng([seed, 0x7E57])
     train_idx, test_idx = [], []
     for part in parts:
@@ -91,7 +97,10 @@ def _build(spec: DataSection, seed: int) -> Federation:
             dataset.y_train[part], spec.client_test_fraction, rng)
         train_idx.append(part[local_train])
         test_idx.append(part[local_test])
-    return IndexedFederation(dataset, train_idx, test_idx)
+    if spec.features.kind == "none":
+        return IndexedFederation(dataset, train_idx, test_idx)
+    dataset, test_domain = apply_feature_skew(dataset, parts, spec.features, seed)
+    return IndexedFederation(dataset, train_idx, test_idx, test_domain)
 
 
 @lru_cache(maxsize=4)

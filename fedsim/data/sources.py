@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import DataSection
-from fedsim.data import fashion_mnist
+from fedsim.data import fashion_mnist, tabular
 from fedsim.data.arrays import ArrayDataset, split_train_test
+from fedsim.data.partition import SENSITIVE_KINDS
 from fedsim.errors import ConfigError
 
 
-def load_digits(root: Path | None, test_fraction: float, seed: int) -> ArrayDataset:
+def load_digits(root: Path | None, test_fraction: float, seed: int, sensitive: str | None) -> ArrayDataset:
     """scikit-learn's 8x8 digits (1,797 images, shipped with the package), scaled to [0, 1]."""
     from sklearn.datasets import load_digits as sklearn_digits
 
@@ -25,14 +26,27 @@ def load_digits(root: Path | None, test_fraction: float, seed: int) -> ArrayData
     return ArrayDataset(x_train, y_train, x_test, y_test, num_classes=10)
 
 
-def load_fashion_mnist(root: Path | None, test_fraction: float, seed: int) -> ArrayDataset:
+def load_fashion_mnist(root: Path | None, test_fraction: float, seed: int,
+                       sensitive: str | None) -> ArrayDataset:
     """Fashion-MNIST with its own 60k/10k split (test_fraction does not apply)."""
     return fashion_mnist.load(root)
 
 
-SOURCES: dict[str, Callable[[Path | None, float, int], ArrayDataset]] = {
+def load_adult(root: Path | None, test_fraction: float, seed: int, sensitive: str | None) -> ArrayDataset:
+    """UCI Adult with its own train/test files (test_fraction does not apply)."""
+    return tabular.load_adult(root, sensitive)
+
+
+def load_german(root: Path | None, test_fraction: float, seed: int, sensitive: str | None) -> ArrayDataset:
+    """UCI German credit with a stratified test split of `test_fraction`."""
+    return tabular.load_german(root, test_fraction, seed, sensitive)
+
+
+SOURCES: dict[str, Callable[[Path | None, float, int, str | None], ArrayDataset]] = {
+    "adult": load_adult,
     "digits": load_digits,
     "fashion-mnist": load_fashion_mnist,
+    "german": load_german,
 }
 NATURAL_SOURCES = ("synthetic",)
 
@@ -47,12 +61,28 @@ def check_dataset_name(name: str) -> None:
         raise ConfigError(f"unknown dataset '{name}' in data.dataset; known: {', '.join(dataset_names())}")
 
 
+def check_sensitive(spec: DataSection) -> None:
+    """Raise a ConfigError when `data.sensitive` (or a sensitive-attribute partition) does not fit
+    the dataset."""
+    if spec.partition.kind in SENSITIVE_KINDS and spec.dataset not in tabular.SENSITIVE:
+        raise ConfigError(f"data.partition.kind = '{spec.partition.kind}' needs a dataset with a "
+                          f"sensitive attribute ({', '.join(tabular.SENSITIVE)}), not {spec.dataset}")
+    if spec.sensitive is None:
+        return
+    if spec.dataset not in tabular.SENSITIVE:
+        raise ConfigError(f"data.sensitive is set but {spec.dataset} has no sensitive attribute; "
+                          f"datasets with one: {', '.join(tabular.SENSITIVE)}")
+    tabular.sensitive_rule(spec.dataset, spec.sensitive)
+
+
 @lru_cache(maxsize=4)
-def _load(name: str, root: Path | None, test_fraction: float, seed: int) -> ArrayDataset:
-    return SOURCES[name](root, test_fraction, seed)
+def _load(name: str, root: Path | None, test_fraction: float, seed: int,
+          sensitive: str | None) -> ArrayDataset:
+    return SOURCES[name](root, test_fraction, seed, sensitive)
 
 
 def load_source(spec: DataSection, seed: int) -> ArrayDataset:
     """The arrays of `spec.dataset`, loaded once per process."""
     check_dataset_name(spec.dataset)
-    return _load(spec.dataset, spec.root, spec.test_fraction, seed)
+    check_sensitive(spec)
+    return _load(spec.dataset, spec.root, spec.test_fraction, seed, spec.sensitive)

@@ -54,14 +54,17 @@ class CentralEvaluator:
 
 
 def client_rows(server_round: int, train: list[ClientResult], evaluated: list[ClientResult],
-                failures: dict[int, str]) -> list[dict[str, Any]]:
-    """One row per client of the round: its training and/or local evaluation metrics."""
+                failures: dict[int, str], skipped: dict[int, str]) -> list[dict[str, Any]]:
+    """One row per client of the round: its training and/or local evaluation metrics, its error,
+    or why it was skipped (dropped out, timed out)."""
     rows: dict[int, dict[str, Any]] = {}
     for result in [*train, *evaluated]:
         rows.setdefault(result.client_id, {"round": server_round, "client_id": result.client_id})
         rows[result.client_id].update(result.metrics)
     for cid, error in failures.items():
         rows.setdefault(cid, {"round": server_round, "client_id": cid})["error"] = error
+    for cid, reason in skipped.items():
+        rows.setdefault(cid, {"round": server_round, "client_id": cid})["skipped"] = reason
     return [rows[cid] for cid in sorted(rows)]
 
 
@@ -93,7 +96,8 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: An
         failures = {**strategy.last_train.failures}
         for cid, error in failures.items():
             writer.log(f"round {rnd}: client {cid} failed: {error}")
-        writer.add_round(row, client_rows(rnd, strategy.last_train.clients, evaluated, failures))
+        writer.add_round(row, client_rows(rnd, strategy.last_train.clients, evaluated, failures,
+                                          strategy.last_train.skipped))
         if progress is not None:
             progress(rnd, row)
     if config.output.save_model:

@@ -64,7 +64,7 @@ class InProcessTransport:
         return replies, size
 
     def train(self, server_round: int, arrays: Arrays) -> tuple[Arrays | None, dict, int]:
-        replies, size = self._run(server_round, arrays, self.strategy.sample_cohort(server_round),
+        replies, size = self._run(server_round, arrays, self.strategy.train_cohort(server_round),
                                   True)
         new, metrics = self.strategy.finish_train(server_round, replies)
         return new, metrics, size
