@@ -82,7 +82,23 @@ class ControlVariates(Objective):
         return {"control_delta": {n: (new[n] - self.own[n]).cpu().numpy() for n in new}}
 
 
+class MarginControl(Objective):
+    """FedLD's margin control: lam * log(1 + ||softmax(logits)||_F^2) over the whole batch.
+
+    The Frobenius norm of the batch's probability matrix is smallest for uniform predictions, so
+    the term penalizes over-confident local models.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, lam: float) -> None:
+        self.lam = lam
+
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        squared_norm = torch.softmax(logits, dim=1).pow(2).sum()
+        return self.lam * torch.log1p(squared_norm)
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "margin": MarginControl,
     "proximal": Proximal,
     "scaffold": ControlVariates,
 }

@@ -75,6 +75,51 @@ def run(
 
 
 @app.command()
+def compare(
+    spec: Annotated[Path, typer.Argument(help="comparison spec: an experiment plus [compare]")],
+    set_: Annotated[list[str], typer.Option(
+        "--set", help="override a key of the base experiment")] = [],  # noqa: B006
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
+) -> None:
+    """Run every cell of a comparison grid (finished cells are skipped) and tabulate them."""
+    from fedsim.compare import load_comparison, run_comparison
+    from fedsim.runner import run_experiment
+
+    try:
+        folder, cells = load_comparison(spec, set_)
+    except FedsimError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=console) as bar:
+        grid = bar.add_task("cells", total=len(cells), status="")
+        rounds = bar.add_task("rounds", total=1, status="")
+
+        def announce(cell, status: str) -> None:
+            bar.update(grid, status=f"{cell.name}: {status}")
+            if status != "running":
+                bar.advance(grid)
+
+        def run_cell(cell) -> None:
+            bar.reset(rounds, total=cell.config.experiment.rounds)
+
+            def progress(rnd: int, row: dict) -> None:
+                acc = row.get("test_accuracy")
+                bar.update(rounds, completed=rnd, status=f"acc {acc:.4f}" if acc is not None else "")
+
+            run_experiment(cell.config, progress=progress, verbose=verbose)
+            bar.advance(grid)
+
+        table = run_comparison(folder, cells, run_cell, announce)
+    failed = int((table["status"] == "failed").sum())
+    console.print(f"{len(table) - failed} of {len(table)} cells done"
+                  + (f", {failed} failed (see cells.csv)" if failed else "") + f"; results in {folder}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def partition(
     experiment: Annotated[Path, typer.Argument(help="experiment spec (TOML)")],
     set_: Annotated[list[str], typer.Option(

@@ -83,6 +83,8 @@ class DataSection(Section):
     root: Path | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1, description="global held-out test share")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    train_subset: int | None = Field(None, ge=1, description="use about this many training examples "
+                                     "(a stratified sample), for quick experiments")
     sensitive: str | None = Field(None, description="sensitive attribute (adult: sex|race; german: sex|age)")
     partition: PartitionSection = Field(default_factory=PartitionSection)
     features: FeatureSection = Field(default_factory=FeatureSection)
@@ -100,7 +102,14 @@ class ModelSection(Section):
     hidden: list[int] = Field(default_factory=lambda: [128])
 
 
+# Local training recipes of papers; a preset fills the client keys the spec leaves unset.
+CLIENT_PRESETS: dict[str, dict[str, Any]] = {
+    "fedld": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.5, "weight_decay": 5e-4, "batch_size": 50},
+}
+
+
 class ClientSection(Section):
+    preset: str | None = Field(None, description=f"a paper's recipe: {', '.join(CLIENT_PRESETS)}")
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1, description="if set, overrides local_epochs")
     batch_size: int = Field(32, ge=1)
@@ -108,6 +117,15 @@ class ClientSection(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or values.get("preset") is None:
+            return values
+        if values["preset"] not in CLIENT_PRESETS:
+            raise ValueError(f"unknown preset '{values['preset']}'; known: {', '.join(CLIENT_PRESETS)}")
+        return {**CLIENT_PRESETS[values["preset"]], **values}
 
 
 class SystemSection(Section):
@@ -140,6 +158,9 @@ class EvaluationSection(Section):
     every: int = Field(1, ge=1, description="central evaluation every N rounds (and the last)")
     client_fraction: float = Field(1.0, ge=0, le=1, description="clients evaluated locally")
     client_every: int = Field(1, ge=1)
+    decomposition: bool = Field(False, description="loss decomposition (local, shift, aggregation) "
+                                "at every central evaluation")
+    decomposition_clients: int = Field(10, ge=1, description="clients it uses at most (m^2 evaluations)")
 
 
 class EngineSection(Section):
@@ -187,17 +208,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_key(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set the dotted `key` (e.g. `data.partition.alpha`) in a nested raw config dict."""
+    node = raw
+    path = key.split(".")
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{key}': '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each `key=value` override into the nested raw config dict."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(raw, ".".join(path), value)
     return raw
 
 
@@ -244,6 +272,9 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Load a spec from TOML (or defaults when path is None) and apply `key=value` overrides."""
+    """Load a spec from TOML (or defaults when path is None) and apply `key=value` overrides.
+
+    A comparison spec's `[compare]` grid is ignored: this is its base experiment."""
     raw = read_toml(path) if path is not None else {}
+    raw.pop("compare", None)
     return validate_config(apply_overrides(raw, list(overrides)))

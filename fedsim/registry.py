@@ -15,12 +15,13 @@ from fedsim.models import check_model_name
 from strategies.base import FedsimStrategy
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
+from strategies.fedld import FedLD
 from strategies.fedopt import FedAdam, FedYogi
 from strategies.fedprox import FedProx
 from strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[FedsimStrategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold, FedLD)
 }
 
 

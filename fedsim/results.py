@@ -16,6 +16,8 @@ import pandas as pd
 
 from fedsim.config import ExperimentConfig
 
+SUMMARY_FILE = "summary.json"  # written last: its presence marks a finished run
+
 
 def default_run_dir(config: ExperimentConfig) -> Path:
     """`output.run_dir` if set, else `output.dir/<name>-<timestamp>-s<seed>` (made unique)."""
@@ -65,6 +67,14 @@ class RunWriter:
 
     def save_model(self, arrays: dict[str, np.ndarray]) -> None:
         np.savez(self.run_dir / "model.npz", **arrays)
+
+    def finish(self, rounds: pd.DataFrame, seconds: float) -> None:
+        """Mark the run complete: `summary.json` with the final and best test accuracy."""
+        accuracy = rounds["test_accuracy"].dropna()
+        summary = {"rounds": int(rounds["round"].max()), "seconds": seconds,
+                   "final_accuracy": float(accuracy.iloc[-1]), "best_accuracy": float(accuracy.max())}
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        self.log(f"done in {seconds:.1f} s")
 
     def log(self, line: str) -> None:
         with open(self.run_dir / "log.txt", "a") as handle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from clients.runtime import run_evaluate, run_train
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.data.stats import label_counts
+from fedsim.decomposition import LossDecomposer
 from fedsim.engine.server import CentralEvaluator, ProgressCallback, run_rounds
 from fedsim.engine.transports import GridTransport, InProcessTransport
 from fedsim.errors import ConfigError
@@ -49,8 +51,13 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
     writer.log(f"start: {config.strategy.name} on {config.data.dataset}, "
                f"{federation.num_clients} clients, backend {config.engine.backend}")
 
+    decomposer = None
+    if config.evaluation.decomposition:
+        decomposer = LossDecomposer(copy.deepcopy(evaluator.model), federation,
+                                    config.evaluation.decomposition_clients, config.experiment.seed)
+
     def loop(transport) -> None:
-        run_rounds(config, transport, strategy, evaluator, writer, progress)
+        run_rounds(config, transport, strategy, evaluator, writer, progress, decomposer)
 
     if config.engine.backend == "inprocess":
         loop(InProcessTransport(strategy, config.engine.workers, run_train, run_evaluate))
@@ -60,5 +67,6 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
         run_on_ray(config, lambda grid: loop(GridTransport(strategy, grid, config.engine.timeout)),
                    verbose)
     seconds = time.perf_counter() - started
-    writer.log(f"done in {seconds:.1f} s")
-    return RunSummary(run_dir, pd.read_parquet(run_dir / "rounds.parquet"), seconds)
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    writer.finish(rounds, seconds)
+    return RunSummary(run_dir, rounds, seconds)

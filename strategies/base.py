@@ -112,6 +112,12 @@ class FedsimStrategy(FlowerStrategy):
         """Extra per-round metrics of this strategy."""
         return {}
 
+    @property
+    def replies_per_client(self) -> bool:
+        """Whether workers reply with every client's arrays instead of pre-aggregated sums (the
+        loss decomposition needs every client's model)."""
+        return self.per_client_updates or self.config.evaluation.decomposition
+
     # ---- sampling and packing --------------------------------------------------------------
     @property
     def num_clients(self) -> int:
@@ -147,7 +153,7 @@ class FedsimStrategy(FlowerStrategy):
             self.current = arrays
         common = self.client_config(server_round) if train else {}
         broadcast = self.broadcast(server_round) if train else {}
-        reduce = None if (self.per_client_updates or not train) else dict(self.outputs)
+        reduce = None if (self.replies_per_client or not train) else dict(self.outputs)
         tasks = []
         for group in pack_balanced(cohort, self.client_sizes, num_workers):
             if not group:
@@ -183,9 +189,11 @@ class FedsimStrategy(FlowerStrategy):
                 sums[name] = add_sums(sums.get(name), arrays)
                 weights[name] = weights.get(name, 0.0) + worker.weights[name]
         result.clients.sort(key=lambda c: c.client_id)
-        if self.per_client_updates:
+        if self.replies_per_client:
             for client in result.clients:
                 for name, weighting in self.outputs.items():
+                    if name not in client.outputs:  # evaluation replies carry no arrays
+                        continue
                     w = client.metrics["num_examples"] if weighting == "examples" else 1.0
                     sums[name] = add_weighted(sums.get(name), client.outputs[name], w)
                     weights[name] = weights.get(name, 0.0) + w

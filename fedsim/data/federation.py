@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -78,6 +78,15 @@ class NaturalFederation:
 Federation = IndexedFederation | NaturalFederation
 
 
+def stratified_subset(dataset: ArrayDataset, size: int, seed: int) -> ArrayDataset:
+    """About `size` training examples drawn per class in proportion (the test set is kept)."""
+    _, kept = stratified_split_indices(dataset.y_train, size / len(dataset.y_train),
+                                       np.random.default_rng([seed, 0x5B5E7]))
+    sensitive = dataset.sensitive_train[kept] if dataset.sensitive_train is not None else None
+    return replace(dataset, x_train=dataset.x_train[kept], y_train=dataset.y_train[kept],
+                   sensitive_train=sensitive)
+
+
 def _build(spec: DataSection, seed: int) -> Federation:
     if spec.dataset == "synthetic":
         if spec.partition.kind != "natural":
@@ -88,6 +97,8 @@ def _build(spec: DataSection, seed: int) -> Federation:
         clients = SyntheticClients(spec.synthetic, spec.num_clients, seed)
         return NaturalFederation(clients, spec.client_test_fraction, spec.synthetic.eval_clients)
     dataset = load_source(spec, seed)
+    if spec.train_subset is not None and spec.train_subset < len(dataset.y_train):
+        dataset = stratified_subset(dataset, spec.train_subset, seed)
     parts = partition_labels(dataset.y_train, spec.num_clients, spec.partition, seed,
                              groups=dataset.sensitive_train)
     rng = np.random.default_rng([seed, 0x7E57])

@@ -70,8 +70,13 @@ def client_rows(server_round: int, train: list[ClientResult], evaluated: list[Cl
 
 def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: Any,
                evaluator: CentralEvaluator, writer: RunWriter,
-               progress: ProgressCallback | None = None) -> Arrays:
-    """Run every round, writing each one's results as soon as it is done; returns final arrays."""
+               progress: ProgressCallback | None = None,
+               decomposer: Callable[[int, list[ClientResult], Arrays], dict[str, float]] | None = None,
+               ) -> Arrays:
+    """Run every round, writing each one's results as soon as it is done; returns final arrays.
+
+    `decomposer`, when given, adds the loss decomposition of the round's aggregate to the rows of
+    central-evaluation rounds."""
     arrays = evaluator.initial_arrays()
     writer.add_round({"round": 0, **evaluator(arrays)}, [])
     rounds, every = config.experiment.rounds, config.evaluation.every
@@ -81,6 +86,8 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: An
         row["train_seconds"] = time.perf_counter() - started
         if new is not None:
             arrays = new
+            if decomposer is not None and (rnd % every == 0 or rnd == rounds):
+                row.update(decomposer(rnd, strategy.last_train.clients, arrays))
         else:
             writer.log(f"round {rnd}: no client succeeded; global model unchanged")
         evaluated, eval_sent = [], 0

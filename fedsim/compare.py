@@ -1,0 +1,148 @@
+"""Grid comparisons: one experiment plus a `[compare]` grid over config keys; every cell is a run.
+
+    [compare]
+    name = "baselines"                       # folder under output.dir (default: experiment.name)
+    [compare.grid]                           # every combination of these values
+    "data.partition.alpha" = [1.0, 0.1]
+    "experiment.seed" = [0, 1, 2]
+    [compare.variants.fedprox]               # named variants (a strategy with its parameters)
+    "strategy.name" = "fedprox"
+    "strategy.mu" = 0.01
+
+Cells already finished in the output folder are skipped, so an interrupted comparison resumes;
+a failed cell is recorded and the others go on. `cells.csv` lists every cell, `summary.csv` the
+mean and std over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedsim.config import ExperimentConfig, apply_overrides, read_toml, set_key, validate_config
+from fedsim.errors import ConfigError
+from fedsim.registry import check_config
+from fedsim.results import SUMMARY_FILE
+
+SEED_KEY = "experiment.seed"
+
+
+@dataclass
+class Cell:
+    """One run of the grid: its variant, grid values, resolved config and run directory."""
+
+    name: str
+    variant: str
+    values: dict[str, Any]
+    config: ExperimentConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.output.run_dir
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / SUMMARY_FILE).is_file()
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def cell_name(variant: str, values: dict[str, Any]) -> str:
+    parts = [variant] if variant else []
+    parts += [f"{_short(k)}={v}" for k, v in values.items()]
+    return "__".join(parts) or "base"
+
+
+def load_comparison(path: Path, overrides: list[str] = ()) -> tuple[Path, list[Cell]]:
+    """Read a comparison spec; returns its output folder and every cell, all validated up front."""
+    raw = read_toml(path)
+    spec = raw.pop("compare", None)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path} has no [compare] section; `fedsim run` runs a single experiment")
+    unknown = sorted(set(spec) - {"name", "grid", "variants"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [compare]; allowed: name, grid, variants")
+    base = apply_overrides(raw, list(overrides))
+    grid: dict[str, list[Any]] = spec.get("grid", {})
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"compare.grid.\"{key}\" must be a non-empty list of values")
+    variants: dict[str, dict[str, Any]] = spec.get("variants", {}) or {"": {}}
+    name = spec.get("name") or validate_config(copy.deepcopy(base)).experiment.name
+    folder = validate_config(copy.deepcopy(base)).output.dir / name
+    cells = []
+    for variant, settings in variants.items():
+        for combo in itertools.product(*grid.values()):
+            values = dict(zip(grid, combo, strict=True))
+            cell_raw = copy.deepcopy(base)
+            for key, value in [*settings.items(), *values.items()]:
+                set_key(cell_raw, key, value)
+            label = cell_name(variant, values)
+            set_key(cell_raw, "output.run_dir", str(folder / label))
+            try:
+                config = validate_config(cell_raw)
+                check_config(config)
+            except ConfigError as exc:
+                raise ConfigError(f"cell {label}: {exc}") from None
+            cells.append(Cell(label, variant, values, config))
+    return folder, cells
+
+
+def cell_row(cell: Cell, status: str, error: str = "") -> dict[str, Any]:
+    row: dict[str, Any] = {"cell": cell.name, "variant": cell.variant,
+                           **{_short(k): v for k, v in cell.values.items()}, "status": status}
+    if status == "done":
+        row.update(json.loads((cell.run_dir / SUMMARY_FILE).read_text()))
+    if error:
+        row["error"] = error
+    return row
+
+
+def summarize_cells(cells: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
+    """Mean and std over seeds of the finished cells, per variant and other grid values."""
+    done = cells[cells["status"] == "done"]
+    groups = ["variant"] + [_short(k) for k in grid_keys if k != SEED_KEY]
+    metrics = ["final_accuracy", "best_accuracy", "seconds"]
+    if done.empty:
+        return pd.DataFrame(columns=groups)
+    table = done.groupby(groups, dropna=False, sort=False)[metrics].agg(["mean", "std", "count"])
+    table.columns = [f"{m}_{stat}" for m, stat in table.columns]
+    return table.reset_index()
+
+
+def run_comparison(folder: Path, cells: list[Cell],
+                   run_cell: Callable[[Cell], None], announce: Callable[[Cell, str], None]) -> pd.DataFrame:
+    """Run every unfinished cell via `run_cell`; write `cells.csv` and `summary.csv` as it goes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    grid_keys = list(cells[0].values) if cells else []
+    for cell in cells:
+        if cell.finished:
+            announce(cell, "skipped (finished earlier)")
+            rows.append(cell_row(cell, "done"))
+        else:
+            announce(cell, "running")
+            try:
+                run_cell(cell)
+                rows.append(cell_row(cell, "done"))
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # a failed cell is recorded; the grid goes on
+                (cell.run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                (cell.run_dir / "error.txt").write_text(traceback.format_exc())
+                rows.append(cell_row(cell, "failed", f"{type(exc).__name__}: {exc}"))
+                announce(cell, f"failed: {exc}")
+        table = pd.DataFrame(rows)
+        table.to_csv(folder / "cells.csv", index=False)
+        summarize_cells(table, grid_keys).to_csv(folder / "summary.csv", index=False)
+    return pd.DataFrame(rows)
