@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 from flwr.app import Context
@@ -59,6 +60,7 @@ def run_on_ray(config: ExperimentConfig, loop: Callable[[Grid], None], verbose: 
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     server_app = ServerApp()
 
     @server_app.main()

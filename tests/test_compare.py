@@ -1,0 +1,102 @@
+"""`fedsim compare`: grid cells, resume, failed cells, the summary over seeds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedsim.compare import load_comparison, run_comparison
+from fedsim.errors import ConfigError
+from fedsim.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = """
+[experiment]
+name = "grid"
+rounds = 2
+[data]
+num_clients = 6
+[model]
+name = "logreg"
+[strategy]
+clients_per_round = 3
+[evaluation]
+client_fraction = 0.0
+[engine]
+backend = "inprocess"
+[output]
+dir = "{out}"
+save_model = false
+[compare.grid]
+"data.partition.alpha" = [1.0, 0.1]
+"experiment.seed" = [0, 1]
+[compare.variants.fedavg]
+"strategy.name" = "fedavg"
+[compare.variants.fedprox]
+"strategy.name" = "fedprox"
+"strategy.mu" = 0.1
+"""
+
+
+def write_spec(tmp_path: Path, text: str = SPEC) -> Path:
+    path = tmp_path / "grid.toml"
+    path.write_text(text.format(out=tmp_path / "runs"))
+    return path
+
+
+def run_cell(cell) -> None:
+    run_experiment(cell.config)
+
+
+def test_grid_runs_every_cell_resumes_and_summarizes_over_seeds(tmp_path):
+    folder, cells = load_comparison(write_spec(tmp_path))
+    assert len(cells) == 8 and folder == tmp_path / "runs" / "grid"
+    assert cells[0].name == "fedavg__alpha=1.0__seed=0"
+    assert cells[-1].config.strategy.params == {"mu": 0.1}
+    table = run_comparison(folder, cells, run_cell, lambda cell, status: None)
+    assert (table["status"] == "done").all()
+    summary = pd.read_csv(folder / "summary.csv")
+    assert len(summary) == 4 and (summary["final_accuracy_count"] == 2).all()
+    one = table[(table["variant"] == "fedprox") & (table["alpha"] == 0.1)]["final_accuracy"]
+    row = summary[(summary["variant"] == "fedprox") & (summary["alpha"] == 0.1)].iloc[0]
+    assert row["final_accuracy_mean"] == pytest.approx(one.mean())
+    assert row["final_accuracy_std"] == pytest.approx(one.std())
+
+    def must_not_run(cell):
+        raise AssertionError(f"{cell.name} was finished and must be skipped")
+
+    again = run_comparison(folder, cells, must_not_run, lambda cell, status: None)
+    assert (again["status"] == "done").all()
+    assert again["final_accuracy"].tolist() == table["final_accuracy"].tolist()
+
+
+def test_a_failed_cell_is_recorded_and_the_grid_goes_on(tmp_path):
+    spec = SPEC.replace('"data.partition.alpha" = [1.0, 0.1]', '"data.partition.min_size" = [5, 400]')
+    folder, cells = load_comparison(write_spec(tmp_path, spec))
+    table = run_comparison(folder, cells[:4], run_cell, lambda cell, status: None)
+    assert table["status"].tolist() == ["done", "done", "failed", "failed"]
+    assert table["error"].iloc[2].startswith("DataError: cannot give 6 clients at least 400")
+    assert (cells[2].run_dir / "error.txt").is_file()
+    assert "cells.csv" in {p.name for p in folder.iterdir()}
+
+
+def test_bad_grid_keys_fail_before_anything_runs(tmp_path):
+    typo = "cell fedavg__alpah=1.0__seed=0: .*unknown key 'data.partition.alpah'; did you mean 'alpha'"
+    with pytest.raises(ConfigError, match=typo):
+        load_comparison(write_spec(tmp_path, SPEC.replace("data.partition.alpha", "data.partition.alpah")))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['grids'\] in \[compare\]"):
+        load_comparison(write_spec(tmp_path, SPEC.replace("[compare.grid]", "[compare.grids]")))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_command_runs_the_grid(tmp_path):
+    spec = SPEC.replace('"experiment.seed" = [0, 1]', '"experiment.seed" = [0]')
+    result = subprocess.run([sys.executable, "-m", "fedsim.cli", "compare", str(write_spec(tmp_path, spec)),
+                             "--set", "experiment.rounds=1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "4 of 4 cells done" in result.stdout + result.stderr
+    assert len(pd.read_csv(tmp_path / "runs" / "grid" / "cells.csv")) == 4
