@@ -115,8 +115,32 @@ def compare(
     failed = int((table["status"] == "failed").sum())
     console.print(f"{len(table) - failed} of {len(table)} cells done"
                   + (f", {failed} failed (see cells.csv)" if failed else "") + f"; results in {folder}")
+    if failed < len(table):
+        from fedsim.report import build_report
+
+        console.print(f"report: {build_report([folder], folder / 'report.html', title=folder.name)}")
     if failed:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="comparison folders or run directories")],
+    out: Annotated[Path, typer.Option(help="the HTML file (its summary table goes beside it as CSV)")]
+    = Path("report.html"),
+    title: Annotated[str, typer.Option(help="the report's title")] = "fedsim report",
+    target: Annotated[float | None, typer.Option(
+        help="test accuracy for 'rounds to target' (default: 90% of the best final accuracy)")] = None,
+) -> None:
+    """(Re)build one self-contained HTML report from stored results only."""
+    from fedsim.report import build_report
+
+    try:
+        written = build_report(paths, out, title, target)
+    except (FileNotFoundError, KeyError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    console.print(f"report: {written}  (table: {written.with_suffix('.csv')})")
 
 
 @app.command()

@@ -100,3 +100,24 @@ def test_compare_command_runs_the_grid(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "4 of 4 cells done" in result.stdout + result.stderr
     assert len(pd.read_csv(tmp_path / "runs" / "grid" / "cells.csv")) == 4
+
+
+def test_an_interrupted_comparison_restarted_runs_only_the_missing_cells(tmp_path):
+    folder, cells = load_comparison(write_spec(tmp_path))
+    ran: list[str] = []
+
+    def interrupted_after_three(cell):
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        run_cell(cell)
+        ran.append(cell.name)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(folder, cells, interrupted_after_three, lambda cell, status: None)
+    first = list(ran)
+    _, restarted_cells = load_comparison(write_spec(tmp_path))
+    run_comparison(folder, restarted_cells, lambda cell: (run_cell(cell), ran.append(cell.name)),
+                   lambda cell, status: None)
+    assert ran[3:] == [c.name for c in cells[3:]]  # only the five missing cells ran again
+    assert first == [c.name for c in cells[:3]]
+    assert (pd.read_csv(folder / "cells.csv")["status"] == "done").all()

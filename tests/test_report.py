@@ -1,0 +1,106 @@
+"""The HTML report: built from a real comparison, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedsim.compare import load_comparison, run_comparison
+from fedsim.report import build_report
+from fedsim.runner import run_experiment
+
+SPEC = """
+[experiment]
+name = "report"
+rounds = 4
+[data]
+num_clients = 8
+[model]
+name = "logreg"
+[strategy]
+clients_per_round = 4
+[evaluation]
+every = 2
+client_fraction = 1.0
+client_every = 2
+decomposition = true
+decomposition_clients = 4
+[engine]
+backend = "inprocess"
+[output]
+dir = "{out}"
+save_model = false
+[compare.grid]
+"data.partition.alpha" = [10.0, 0.1]
+"experiment.seed" = [0, 1]
+[compare.variants.fedavg]
+"strategy.name" = "fedavg"
+[compare.variants.fedld]
+"strategy.name" = "fedld"
+"""
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    spec = root / "spec.toml"
+    spec.write_text(SPEC.format(out=root / "runs"))
+    folder, cells = load_comparison(spec)
+    run_comparison(folder, cells, lambda cell: run_experiment(cell.config), lambda cell, status: None)
+    return folder
+
+
+def test_report_summarizes_every_level_and_variant(comparison):
+    out = build_report([comparison], comparison / "report.html", "test report")
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert len(table) == 4 and (table["seeds"] == 2).all()
+    assert set(table["variant"]) == {"fedavg", "fedld"}
+    assert table["client acc. mean mean"].between(0, 1).all()
+    page = out.read_text()
+    assert page.count("<svg") == 4  # curves, client boxes, federations, decomposition
+    assert not re.search(r"(src|href)=[\"']?https?:|url\(https?:|<script[^>]+src", page)  # all inline
+    assert "alpha=0.1" in page and "class='best'" in page
+
+
+def chromium_driver():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (installed by .ci/run)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_report_renders_in_headless_chromium(comparison, tmp_path):
+    out = build_report([comparison], tmp_path / "report.html", "fedsim test report")
+    driver = chromium_driver()
+    try:
+        driver.get(out.as_uri())
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+        figures = driver.execute_script(
+            "return Array.from(document.querySelectorAll('figure svg')).map(s => {"
+            "const r = s.getBoundingClientRect();"
+            "return [r.width, r.height, s.querySelectorAll('path, use, image').length]; })")
+        assert len(figures) == 4
+        assert all(w > 200 and h > 150 and marks > 10 for w, h, marks in figures), figures
+        height = driver.execute_script("return document.body.scrollHeight")
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}})
+        screenshot = tmp_path / "report.png"
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        assert screenshot.stat().st_size > 50_000
+    finally:
+        driver.quit()
