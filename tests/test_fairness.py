@@ -1,0 +1,109 @@
+"""PID of disparity and AGLFOP against canonical cases, brute force and an independent LP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+from fedsim.fairness import aglfop, aglfop_frontier, mutual_information, pid_decomposition
+
+
+def joint_of(cells: list[tuple[int, int, int]], shape=(2, 2, 2)) -> np.ndarray:
+    joint = np.zeros(shape)
+    for cell in cells:
+        joint[cell] += 1
+    return joint
+
+
+def test_canonical_cases_give_one_bit_of_the_right_kind():
+    unique = pid_decomposition(joint_of([(s, z, z) for s in (0, 1) for z in (0, 1)]))  # Yhat = Z, S indep.
+    assert unique["unique"] == pytest.approx(1, abs=1e-6)
+    assert unique["redundant"] == pytest.approx(0, abs=1e-6)
+    redundant = pid_decomposition(joint_of([(0, 0, 0), (1, 1, 1)]))  # Yhat = Z = S
+    assert redundant["redundant"] == pytest.approx(1, abs=1e-6) and redundant["local_disparity"] == 0
+    masked = pid_decomposition(joint_of([(s, y ^ s, y) for s in (0, 1) for y in (0, 1)]))  # Z = Yhat xor S
+    assert masked["masked"] == pytest.approx(1, abs=1e-6) and masked["global_disparity"] == 0
+
+
+def brute_force_unique(p: np.ndarray, steps: int = 400) -> float:
+    """min of I_Q(Z;Yhat|S) over Q with P's (z, yhat) and (s, z) marginals, two clients: the free
+    parameters are a_z = Q(s=0, z, yhat=0), searched on a grid."""
+    p = p / p.sum()
+    p_zy, p_sz = p.sum(axis=0), p.sum(axis=2)
+    best = np.inf
+    ranges = [np.linspace(max(0, p_sz[0, z] - p_zy[z, 1]), min(p_sz[0, z], p_zy[z, 0]), steps)
+              for z in (0, 1)]
+    for a0 in ranges[0]:
+        for a1 in ranges[1]:
+            q0 = np.array([[a0, p_sz[0, 0] - a0], [a1, p_sz[0, 1] - a1]])
+            q = np.stack([q0, p_zy - q0]).clip(0)
+            value = sum(block.sum() * mutual_information(block) for block in q if block.sum() > 0)
+            best = min(best, value)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unique_information_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(8, 0.7)).reshape(2, 2, 2)
+    terms = pid_decomposition(p)
+    assert terms["unique"] == pytest.approx(brute_force_unique(p, 150), abs=2e-4)
+    assert terms["global_disparity"] == pytest.approx(terms["unique"] + terms["redundant"])
+    assert terms["local_disparity"] == pytest.approx(terms["unique"] + terms["masked"])
+    assert terms["redundant"] <= min(terms["global_disparity"], terms["client_information"]) + 1e-6
+
+
+def test_noisy_predictions_of_z_carry_unique_disparity_and_zero_cells_are_fine():
+    joint = np.zeros((5, 2, 2))
+    for s in range(5):
+        joint[s] = [[40, 10], [10, 40]]  # Yhat = Z 80% of the time, same on every client
+    joint[4, 1, :] = 0  # one client without group 1
+    terms = pid_decomposition(joint)
+    assert terms["unique"] > 0.2 and all(np.isfinite(v) and v >= 0 for v in terms.values())
+
+
+def best_accuracy_independent_of_z(p_zy: np.ndarray) -> float:
+    """One client, zero budget: maximize Pr(Yhat = Y) over Q(z, y, yhat) with Yhat independent of Z,
+    an LP solved by scipy (HiGHS) in a formulation of its own."""
+    p_zy = p_zy / p_zy.sum()
+    z_size, y_size = p_zy.shape
+    n = z_size * y_size * y_size  # variables Q(z, y, yhat)
+    idx = np.arange(n).reshape(z_size, y_size, y_size)
+    equalities, rhs = [], []
+    for z in range(z_size):
+        for y in range(y_size):
+            row = np.zeros(n)
+            row[idx[z, y, :]] = 1
+            equalities.append(row)
+            rhs.append(p_zy[z, y])
+    p_z = p_zy.sum(axis=1)
+    for z in range(z_size):  # Q(z, yhat) = p(z) * Q(yhat)
+        for yhat in range(y_size):
+            row = np.zeros(n)
+            row[idx[z, :, yhat]] += 1
+            row[idx[:, :, yhat].ravel()] -= p_z[z]
+            equalities.append(row)
+            rhs.append(0.0)
+    gain = np.zeros(n)
+    for y in range(y_size):
+        gain[idx[:, y, y]] = 1
+    result = linprog(-gain, A_eq=np.array(equalities), b_eq=rhs, bounds=(0, None), method="highs")
+    return -result.fun
+
+
+def test_aglfop_matches_an_independent_lp_at_zero_budget_and_reaches_one_without_budget():
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        p_zy = rng.dirichlet(np.ones(4)).reshape(2, 2)
+        ours = aglfop(p_zy[None], eps_global=0.0, eps_local=0.0)
+        assert ours == pytest.approx(best_accuracy_independent_of_z(p_zy), abs=1e-4)
+    assert aglfop(rng.random((3, 2, 2)), 10.0, 10.0) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_frontier_grows_with_the_budgets():
+    joint = np.random.default_rng(3).random((4, 2, 2)) * [[[1, 3], [3, 1]]]
+    budgets = [0.0, 0.005, 0.02, 0.1]
+    frontier = aglfop_frontier(joint, budgets, budgets)
+    assert np.all(np.diff(frontier, axis=0) >= -1e-5) and np.all(np.diff(frontier, axis=1) >= -1e-5)
+    assert frontier[0, 0] < frontier[-1, -1]
