@@ -28,7 +28,8 @@ from fedsim.engine.protocol import (
     decode_task,
     encode_result,
 )
-from fedsim.evaluation import evaluate
+from fedsim.evaluation import evaluate, predict
+from fedsim.fairness.groups import counts_to_metrics, group_confusion
 from fedsim.models import build_model
 from fedsim.seeding import derive_seed
 
@@ -55,7 +56,9 @@ class Resident:
             x, y = self.base
             train = torch.as_tensor(fed.train_idx[client_id], device=self.device)
             test = torch.as_tensor(fed.test_idx[client_id], device=self.device)
-            return LocalData(x[train], y[train], x[test], y[test])
+            groups = [None if z is None else torch.as_tensor(z, device=self.device)
+                      for z in fed.client_groups(client_id)]
+            return LocalData(x[train], y[train], x[test], y[test], *groups)
         return LocalData.from_arrays(fed.client_data(client_id), self.device)
 
     def load_global(self, arrays: dict[str, torch.Tensor]) -> None:
@@ -151,10 +154,15 @@ def run_evaluate(content: RecordDict) -> RecordDict:
         try:
             data = res.client_data(client.client_id)
             metrics = evaluate(res.model, data.x_test, data.y_test)
+            reply = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"],
+                     "num_test_examples": metrics["num_examples"]}
+            if data.z_test is not None:  # confusion counts per sensitive group, for fairness
+                reply.update(counts_to_metrics(group_confusion(
+                    data.y_test.cpu().numpy(), predict(res.model, data.x_test).cpu().numpy(),
+                    data.z_test.cpu().numpy(), len(res.federation.dataset.sensitive_groups),
+                    res.federation.num_classes)))
         except Exception as exc:
             result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
             continue
-        result.clients.append(ClientResult(client.client_id, {
-            "eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"],
-            "num_test_examples": metrics["num_examples"]}))
+        result.clients.append(ClientResult(client.client_id, reply))
     return encode_result(result)

@@ -24,12 +24,14 @@ class LocalData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    z_train: torch.Tensor | None = None  # sensitive groups, when the dataset has them
+    z_test: torch.Tensor | None = None
 
     @classmethod
     def from_arrays(cls, data: ClientData, device: torch.device | str = "cpu") -> LocalData:
         """Move one client's numpy arrays onto `device`."""
-        return cls(*(torch.as_tensor(a, device=device)
-                     for a in (data.x_train, data.y_train, data.x_test, data.y_test)))
+        arrays = (data.x_train, data.y_train, data.x_test, data.y_test, data.z_train, data.z_test)
+        return cls(*(None if a is None else torch.as_tensor(a, device=device) for a in arrays))
 
 
 class LeanSGD:

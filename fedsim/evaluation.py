@@ -24,3 +24,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if n == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0.0}
     return {"loss": total_loss / n, "accuracy": correct / n, "num_examples": float(n)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The predicted class of every row of `x`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    labels = [model(x[start:start + batch_size]).argmax(dim=1) for start in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)

@@ -70,7 +70,31 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
             runs.append(_read(path))
         else:
             runs.extend(_read(p.parent) for p in sorted(path.glob(f"*/{SUMMARY_FILE}")))
+    _label_loose_runs([r for r in runs if not r.level])
     return runs
+
+
+NOT_A_LEVEL = ("experiment.seed", "experiment.name", "strategy.", "output.", "engine.")
+
+
+def _label_loose_runs(runs: list[RunRecord]) -> None:
+    """Runs given one by one: their level is the config keys that differ between them, other
+    than the seed, the strategy and where or how they ran."""
+    flats = [_flat(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f if not k.startswith(NOT_A_LEVEL)
+                   and len({json.dumps(g.get(k)) for g in flats}) > 1})
+    for run, flat in zip(runs, flats, strict=True):
+        run.level = ", ".join(f"{k.rsplit('.', 1)[-1]}={flat.get(k)}" for k in keys)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # ---- tables ----------------------------------------------------------------------------------
@@ -177,7 +201,8 @@ def curves_svg(runs: list[RunRecord], columns: list[tuple[str, str]]) -> str:
     colors = {v: f"C{i}" for i, v in enumerate(variants)}
     single = len(levels) == 1  # then the metrics sit side by side
     shape = (1, len(columns)) if single else (len(columns), len(levels))
-    fig, axes = plt.subplots(*shape, figsize=(3.6 * shape[1], 2.6 * shape[0]), squeeze=False)
+    fig, axes = plt.subplots(*shape, figsize=(3.6 * shape[1], 2.6 * shape[0]), squeeze=False,
+                             sharey=False if single else "row")  # levels share each metric's scale
     for col, level in enumerate(levels):
         for row, (column, label) in enumerate(columns):
             ax = axes[0][row] if single else axes[row][col]
@@ -224,6 +249,8 @@ def client_boxes_svg(runs: list[RunRecord]) -> str | None:
 def heterogeneity_svg(runs: list[RunRecord]) -> str | None:
     """For each level, the first run's clients x classes label counts and its size distribution."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     shown = [next(r for r in runs if r.level == lv) for lv in _levels(runs)]
     shown = [r for r in shown if r.federation is not None]
     if not shown:
@@ -236,6 +263,8 @@ def heterogeneity_svg(runs: list[RunRecord]) -> str | None:
         axes[0][col].set_title(run.level or run.variant)
         axes[0][col].set_xlabel("class")
         axes[0][col].set_ylabel("client")
+        for axis in (axes[0][col].xaxis, axes[0][col].yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=axes[0][col], fraction=0.05)
         axes[1][col].hist(run.federation["size"], bins=20, color="grey")
         axes[1][col].set_xlabel("client size (training examples)")
@@ -245,6 +274,9 @@ def heterogeneity_svg(runs: list[RunRecord]) -> str | None:
 
 DECOMPOSITION = [("decomp_local", "local loss"), ("decomp_shift", "shift loss"),
                  ("decomp_aggregation", "aggregation loss")]
+FAIRNESS = [("fair_global_sp_gap", "global SP gap"), ("fair_local_sp_gap_mean", "local SP gap (mean)"),
+            ("pid_unique", "unique (bits)"), ("pid_redundant", "redundant (bits)"),
+            ("pid_masked", "masked (bits)")]
 
 
 # ---- the page --------------------------------------------------------------------------------
@@ -260,20 +292,10 @@ def versions() -> dict[str, str]:
 
 def config_differences(runs: list[RunRecord]) -> tuple[dict, list[tuple[str, dict]]]:
     """The first run's config, and for every run the keys where it differs from it."""
-
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    base = flat(runs[0].config)
+    base = _flat(runs[0].config)
     diffs = []
     for run in runs:
-        mine = flat(run.config)
+        mine = _flat(run.config)
         diffs.append((run.run_dir.name, {k: v for k, v in mine.items()
                                          if base.get(k) != v and k != "output.run_dir"}))
     return runs[0].config, diffs
@@ -326,6 +348,13 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
         sections.append("<h2>Loss decomposition</h2><p>F(aggregate) = local + distribution shift + "
                         "aggregation loss, on the clients' training data, at each evaluation round.</p>"
                         f"<figure>{curves_svg(runs, DECOMPOSITION)}</figure>")
+    if any("pid_global_disparity" in r.rounds for r in runs):
+        sections.append("<h2>Group fairness</h2><p>Statistical-parity gaps |P(yhat=1|z=1) - "
+                        "P(yhat=1|z=0)| over all clients' test splits (global) and within clients "
+                        "(size-weighted mean), and the partial information decomposition of the "
+                        "disparity: global = unique + redundant, local = unique + masked. Plug-in "
+                        "mutual information is biased upward on small counts.</p>"
+                        f"<figure>{curves_svg(runs, FAIRNESS)}</figure>")
     base, diffs = config_differences(runs)
     diff_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(json.dumps(d))}</td></tr>"
                         for name, d in diffs)

@@ -31,6 +31,7 @@ from fedsim.engine.protocol import (
     from_record,
     to_record,
 )
+from fedsim.fairness.groups import counts_from_metrics, fairness_metrics
 from fedsim.seeding import derive_seed
 from fedsim.system import RoundSystem, SystemModel
 
@@ -225,9 +226,14 @@ class FedsimStrategy(FlowerStrategy):
     def finish_evaluate(self, replies: Iterable[Reply]) -> dict[str, float]:
         result = self.unpack(replies)
         self.last_evaluate = result
-        return {"client_eval_loss": result.weighted_metric("eval_loss", "num_test_examples"),
-                "client_eval_accuracy": result.weighted_metric("eval_accuracy", "num_test_examples"),
-                "client_eval_failures": float(len(result.failures))}
+        metrics = {"client_eval_loss": result.weighted_metric("eval_loss", "num_test_examples"),
+                   "client_eval_accuracy": result.weighted_metric("eval_accuracy", "num_test_examples"),
+                   "client_eval_failures": float(len(result.failures))}
+        counts = {c.client_id: counts_from_metrics(c.metrics) for c in result.clients}
+        counts = {cid: c for cid, c in counts.items() if c is not None}
+        if counts:  # the clients hold a sensitive attribute: fairness across and within clients
+            metrics.update(fairness_metrics(counts))
+        return metrics
 
     # ---- Flower's message-API Strategy ---------------------------------------------------
     def _messages(self, tasks: list[Task], grid: Grid, message_type: str,

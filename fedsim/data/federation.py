@@ -24,6 +24,8 @@ class ClientData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    z_train: np.ndarray | None = None  # sensitive group per example, when the dataset has one
+    z_test: np.ndarray | None = None
 
 
 class IndexedFederation:
@@ -43,7 +45,14 @@ class IndexedFederation:
     def client_data(self, client_id: int) -> ClientData:
         x, y = self.dataset.x_train, self.dataset.y_train
         train, test = self.train_idx[client_id], self.test_idx[client_id]
-        return ClientData(x[train], y[train], x[test], y[test])
+        return ClientData(x[train], y[train], x[test], y[test], *self.client_groups(client_id))
+
+    def client_groups(self, client_id: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The sensitive group of each of the client's (train, test) examples, or (None, None)."""
+        z = self.dataset.sensitive_train
+        if z is None:
+            return None, None
+        return z[self.train_idx[client_id]], z[self.test_idx[client_id]]
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.x_test, self.dataset.y_test

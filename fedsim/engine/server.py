@@ -7,12 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import Federation
 from fedsim.engine.protocol import Arrays, ClientResult
-from fedsim.evaluation import evaluate
+from fedsim.evaluation import evaluate, predict
+from fedsim.fairness.groups import group_confusion, parity_gaps
 from fedsim.models import build_model
 from fedsim.results import RunWriter
 
@@ -36,13 +38,18 @@ class CentralEvaluator:
     model: torch.nn.Module
     x: torch.Tensor
     y: torch.Tensor
+    z: np.ndarray | None = None  # sensitive group of each test example
+    num_groups: int = 0
 
     @classmethod
     def build(cls, config: ExperimentConfig, federation: Federation) -> CentralEvaluator:
         model = build_model(config.model, federation.input_shape, federation.num_classes,
                             config.experiment.seed)
         x, y = federation.test_set()
-        return cls(model, torch.as_tensor(x), torch.as_tensor(y))
+        dataset = getattr(federation, "dataset", None)
+        z = dataset.sensitive_test if dataset is not None else None
+        groups = len(dataset.sensitive_groups) if z is not None else 0
+        return cls(model, torch.as_tensor(x), torch.as_tensor(y), z, groups)
 
     def initial_arrays(self) -> Arrays:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
@@ -50,7 +57,12 @@ class CentralEvaluator:
     def __call__(self, arrays: Arrays) -> dict[str, float]:
         self.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
         metrics = evaluate(self.model, self.x, self.y)
-        return {"test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]}
+        row = {"test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]}
+        if self.z is not None:
+            counts = group_confusion(self.y.numpy(), predict(self.model, self.x).numpy(), self.z,
+                                     self.num_groups, int(self.y.max()) + 1)
+            row.update({f"test_{k}": v for k, v in parity_gaps(counts).items()})
+        return row
 
 
 def client_rows(server_round: int, train: list[ClientResult], evaluated: list[ClientResult],
