@@ -1,7 +1,8 @@
 """Local objective terms added to the cross-entropy loss; a strategy switches them on by name.
 
 A strategy sends `{"objectives": {"proximal": {"mu": 0.01}}}` in a client's config; each term
-adds a penalty to every batch's loss and may return extra outputs once training is done.
+adds a penalty to every batch's loss (given the model, the batch's logits, labels and, when the
+data have them, sensitive groups) and may return extra outputs once training is done.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class ObjectiveContext:
 class Objective:
     """A local loss term. Subclasses override `penalty` and, if they report something, `finish`."""
 
-    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def finish(self, model: nn.Module, steps: int, lr: float) -> dict[str, Arrays]:
@@ -46,7 +48,8 @@ class Proximal(Objective):
         self.mu = mu
         self.anchor = ctx.global_params
 
-    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         squared = sum(((p - self.anchor[n]) ** 2).sum() for n, p in model.named_parameters())
         return 0.5 * self.mu * squared
 
@@ -70,7 +73,8 @@ class ControlVariates(Objective):
                     for n, t in self.server.items()}
         self.correction = {n: self.server[n] - self.own[n] for n in self.server}
 
-    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         return sum((p * self.correction[n]).sum() for n, p in model.named_parameters())
 
     @torch.no_grad()
@@ -92,13 +96,33 @@ class MarginControl(Objective):
     def __init__(self, ctx: ObjectiveContext, lam: float) -> None:
         self.lam = lam
 
-    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         squared_norm = torch.softmax(logits, dim=1).pow(2).sum()
         return self.lam * torch.log1p(squared_norm)
 
 
+class ParityPenalty(Objective):
+    """A differentiable statistical-parity penalty: mu * |mean P(yhat=1) over group 1 - over group 0|
+    in the batch, from the softmax of the positive class (zero for a batch missing a group)."""
+
+    def __init__(self, ctx: ObjectiveContext, mu: float) -> None:
+        self.mu = mu
+
+    def penalty(self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
+        if groups is None:
+            raise ValueError("the parity penalty needs a dataset with a sensitive attribute")
+        positive = torch.softmax(logits, dim=1)[:, 1]
+        ones, zeros = groups == 1, groups == 0
+        if not ones.any() or not zeros.any():
+            return logits.new_zeros(())
+        return self.mu * (positive[ones].mean() - positive[zeros].mean()).abs()
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "margin": MarginControl,
+    "parity": ParityPenalty,
     "proximal": Proximal,
     "scaffold": ControlVariates,
 }

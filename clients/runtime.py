@@ -99,18 +99,32 @@ def _numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
+    """What the received global model does on this client's training data, before training:
+    its mean loss, and its confusion counts per sensitive group (prefixed `pre_`)."""
+    report = {"global_train_loss": evaluate(res.model, data.x_train, data.y_train)["loss"]}
+    if data.z_train is not None:
+        report.update(counts_to_metrics(group_confusion(
+            data.y_train.cpu().numpy(), predict(res.model, data.x_train).cpu().numpy(),
+            data.z_train.cpu().numpy(), len(res.federation.dataset.sensitive_groups),
+            res.federation.num_classes), prefix="pre_"))
+    return report
+
+
 def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
                global_params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor],
                store: ClientStateStore) -> ClientResult:
     client = task.clients[index]
     res.load_global(global_params)
     data = res.client_data(client.client_id)
+    before = global_model_report(res, data) if client.config.get("report_global") else {}
     ctx = ObjectiveContext(client.client_id, global_params, broadcast, store)
-    objectives = build_objectives(client.config.get("objectives", {}), ctx)
+    objectives = build_objectives({**config.client.objectives, **client.config.get("objectives", {})}, ctx)
     lr = float(client.config.get("lr", config.client.lr))
     seed = derive_seed(config.experiment.seed, task.round, client.client_id)
     metrics = train_locally(res.model, data, config.client, objectives, seed, lr,
                             steps=client.config.get("local_steps"))
+    metrics.update(before)
     outputs = {"model": _numpy_state(res.model)}
     for term in objectives:
         outputs.update(term.finish(res.model, int(metrics["steps"]), lr))

@@ -88,12 +88,14 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
     while done < steps:
         order = torch.randperm(n, generator=generator).to(data.x_train.device)
         inputs, labels = data.x_train[order], data.y_train[order]  # one gather per pass
+        groups = data.z_train[order] if data.z_train is not None else None
         for start in range(0, n, settings.batch_size):
-            logits = model(inputs[start:start + settings.batch_size])
-            targets = labels[start:start + settings.batch_size]
+            batch = slice(start, start + settings.batch_size)
+            logits = model(inputs[batch])
+            targets = labels[batch]
             loss = F.cross_entropy(logits, targets)
             for term in objectives:
-                loss = loss + term.penalty(model, logits, targets)
+                loss = loss + term.penalty(model, logits, targets, None if groups is None else groups[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -117,6 +117,8 @@ class ClientSection(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    objectives: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="extra local terms for any strategy, e.g. {parity = {mu = 1.0}}")
 
     @model_validator(mode="before")
     @classmethod

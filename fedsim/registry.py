@@ -8,20 +8,24 @@ from collections.abc import Iterable
 import numpy as np
 from pydantic import ValidationError
 
+from clients.objectives import OBJECTIVES
 from fedsim.config import ExperimentConfig
 from fedsim.data.sources import check_dataset_name, check_sensitive
 from fedsim.errors import ConfigError
 from fedsim.models import check_model_name
 from strategies.base import FedsimStrategy
+from strategies.fairfed import FairFed
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
 from strategies.fedld import FedLD
 from strategies.fedopt import FedAdam, FedYogi
 from strategies.fedprox import FedProx
+from strategies.qffl import QFFL
 from strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[FedsimStrategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold, FedLD)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold, FedLD, FairFed,
+                            QFFL)
 }
 
 
@@ -37,6 +41,10 @@ def check_config(config: ExperimentConfig) -> None:
     check_dataset_name(config.data.dataset)
     check_sensitive(config.data)
     check_model_name(config.model.name)
+    unknown = sorted(set(config.client.objectives) - set(OBJECTIVES))
+    if unknown:
+        raise ConfigError(f"unknown local objective(s) {unknown} in client.objectives; "
+                          f"known: {', '.join(sorted(OBJECTIVES))}")
     cls = strategy_class(config.strategy.name)
     try:
         cls.Params.model_validate(config.strategy.params)

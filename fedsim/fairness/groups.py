@@ -9,8 +9,6 @@ import numpy as np
 
 from fedsim.fairness.pid import pid_decomposition
 
-COUNT_KEY = re.compile(r"^fair_n_(\d+)_(\d+)_(\d+)$")
-
 
 def group_confusion(y: np.ndarray, yhat: np.ndarray, z: np.ndarray, num_groups: int,
                     num_classes: int) -> np.ndarray:
@@ -20,15 +18,16 @@ def group_confusion(y: np.ndarray, yhat: np.ndarray, z: np.ndarray, num_groups: 
         num_groups, num_classes, num_classes).astype(np.float64)
 
 
-def counts_to_metrics(counts: np.ndarray) -> dict[str, float]:
-    """Flat metric entries `fair_n_<z>_<y>_<yhat>` for a client's reply."""
-    return {f"fair_n_{z}_{y}_{p}": float(counts[z, y, p]) for z, y, p in np.ndindex(counts.shape)}
+def counts_to_metrics(counts: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """Flat metric entries `<prefix>fair_n_<z>_<y>_<yhat>` for a client's reply."""
+    return {f"{prefix}fair_n_{z}_{y}_{p}": float(counts[z, y, p]) for z, y, p in np.ndindex(counts.shape)}
 
 
-def counts_from_metrics(metrics: dict[str, float]) -> np.ndarray | None:
+def counts_from_metrics(metrics: dict[str, float], prefix: str = "") -> np.ndarray | None:
     """The counts array back from a reply's metrics (None when the client sent none)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}fair_n_(\d+)_(\d+)_(\d+)$")
     cells = {tuple(int(i) for i in m.groups()): value for key, value in metrics.items()
-             if (m := COUNT_KEY.match(key))}
+             if (m := pattern.match(key))}
     if not cells:
         return None
     shape = tuple(max(cell[axis] for cell in cells) + 1 for axis in range(3))
