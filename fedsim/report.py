@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedsim.fairness.aglfop import aglfop_frontier
+from fedsim.fairness.groups import counts_from_metrics
 from fedsim.results import SUMMARY_FILE
 
 PACKAGES = ["fedsim", "flwr", "flwr-datasets", "torch", "ray", "numpy", "pandas"]
@@ -279,6 +281,56 @@ FAIRNESS = [("fair_global_sp_gap", "global SP gap"), ("fair_local_sp_gap_mean", 
             ("pid_masked", "masked (bits)")]
 
 
+GLOBAL_BUDGETS = [0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
+LOCAL_BUDGETS = [0.01, 0.05, 10.0]
+
+
+def final_client_counts(run: RunRecord) -> np.ndarray | None:
+    """Sum over clients of n(s, z, y) from the last client evaluation (shape (S, Z, Y))."""
+    if run.clients.empty:
+        return None
+    columns = [c for c in run.clients.columns if c.startswith("fair_n_")]
+    evaluated = run.clients.dropna(subset=columns[:1]) if columns else run.clients.iloc[:0]
+    if evaluated.empty:
+        return None
+    last = evaluated[evaluated["round"] == evaluated["round"].max()]
+    per_client = [counts_from_metrics(row) for row in last[columns].to_dict("records")]
+    return np.stack([c.sum(axis=2) for c in per_client])
+
+
+def frontier_svg(runs: list[RunRecord]) -> str | None:
+    """Per level: the AGLFOP frontier (best accuracy vs global budget, one line per local budget)
+    on the first run's client data, and each run's achieved (global disparity, accuracy)."""
+    plt = _pyplot()
+    levels = [lv for lv in _levels(runs) if any(
+        r.level == lv and final_client_counts(r) is not None for r in runs)]
+    if not levels:
+        return None
+    variants = _variants(runs)
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.8 * len(levels), 3.0), squeeze=False, sharey=True)
+    for col, level in enumerate(levels):
+        ax = axes[0][col]
+        members = [r for r in runs if r.level == level and final_client_counts(r) is not None]
+        frontier = aglfop_frontier(final_client_counts(members[0]), GLOBAL_BUDGETS, LOCAL_BUDGETS)
+        for j, budget in enumerate(LOCAL_BUDGETS):
+            label = "local budget unlimited" if budget >= 10 else f"local budget {budget} bits"
+            ax.plot(GLOBAL_BUDGETS, frontier[:, j], color="grey", lw=1, ls=["--", ":", "-"][j], label=label)
+        for i, variant in enumerate(variants):
+            points = [(r.rounds["pid_global_disparity"].dropna().iloc[-1],
+                       r.rounds["client_eval_accuracy"].dropna().iloc[-1])
+                      for r in members if r.variant == variant and "pid_global_disparity" in r.rounds]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.scatter(xs, ys, color=f"C{i}", label=variant, zorder=3, s=18)
+        ax.set_xscale("symlog", linthresh=0.002)
+        ax.set_title(level or "all runs")
+        ax.set_xlabel("global disparity I(Z;Yhat) (bits)")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(frameon=False, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _svg(fig)
+
+
 # ---- the page --------------------------------------------------------------------------------
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
@@ -355,6 +407,13 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
                         "disparity: global = unique + redundant, local = unique + masked. Plug-in "
                         "mutual information is biased upward on small counts.</p>"
                         f"<figure>{curves_svg(runs, FAIRNESS)}</figure>")
+        frontier = frontier_svg(runs)
+        if frontier:
+            sections.append("<h3>Accuracy / fairness frontier (AGLFOP)</h3><p>Lines: the best "
+                            "accuracy any predictor can reach on the clients' test data under a "
+                            "global and a local disparity budget (no model constraint, so it reaches "
+                            "1 without budgets). Points: each run's final (global disparity, client "
+                            f"accuracy).</p><figure>{frontier}</figure>")
     base, diffs = config_differences(runs)
     diff_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(json.dumps(d))}</td></tr>"
                         for name, d in diffs)

@@ -225,3 +225,15 @@ def test_parity_penalty_by_hand_and_its_gradient():
     value.backward()
     assert logits.grad.abs().sum() > 0
     assert ParityPenalty(None, mu=0.5).penalty(None, logits, None, torch.ones(4, dtype=torch.long)) == 0
+
+
+def test_roc_region_caps_accuracy_at_the_classifiers_best_operating_point():
+    # one client, Z independent of Y: the best operating point on the ROC hull gives the bound
+    p_zy = np.array([[0.3, 0.2], [0.3, 0.2]])
+    roc = np.array([[0.2, 0.7]])  # a classifier with FPR 0.2, TPR 0.7
+    bounded = aglfop(p_zy[None], 10.0, 10.0, roc=roc)
+    p_y = p_zy.sum(axis=0)
+    vertices = [(0, 0), (1, 1), (0.2, 0.7)]  # accuracy is linear in (FPR, TPR): best at a vertex
+    expected = max(p_y[0] * (1 - f) + p_y[1] * t for f, t in vertices)
+    assert bounded == pytest.approx(expected, abs=1e-5) and bounded < 1
+    assert aglfop(p_zy[None], 10.0, 10.0) == pytest.approx(1.0, abs=1e-6)
