@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from fedsim.config import ExperimentConfig, validate_config
 from fedsim.data.federation import Federation, IndexedFederation, build_federation
 from fedsim.engine.aggregation import add_weighted
 from fedsim.engine.protocol import (
+    Arrays,
     ClientResult,
     Task,
     WorkerResult,
@@ -32,6 +33,7 @@ from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import counts_to_metrics, group_confusion
 from fedsim.models import build_model
 from fedsim.seeding import derive_seed
+from strategies.ggeur import augmented_training_set, class_statistics
 
 
 def worker_device(config: ExperimentConfig) -> torch.device:
@@ -49,6 +51,7 @@ class Resident:
     model: nn.Module
     device: torch.device
     base: tuple[torch.Tensor, torch.Tensor] | None  # all training arrays, for indexed data
+    augmented: dict[int, LocalData] = field(default_factory=dict)  # GGEUR top-ups, per client
 
     def client_data(self, client_id: int) -> LocalData:
         fed = self.federation
@@ -69,6 +72,7 @@ class Resident:
 
 
 _RESIDENT: dict[str, Resident] = {}
+GGEUR_STREAM = 0x6E0
 
 
 def resident_for(config: ExperimentConfig) -> Resident:
@@ -111,12 +115,52 @@ def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
     return report
 
 
+def ggeur_data(res: Resident, client_id: int, data: LocalData, shared: Arrays,
+               config: ExperimentConfig) -> LocalData:
+    """The client's training set topped up by GGEUR's geometric sampling (built once, cached)."""
+    if client_id not in res.augmented:
+        rng = np.random.default_rng(derive_seed(config.experiment.seed, client_id, GGEUR_STREAM))
+        x, y = augmented_training_set(data.x_train.cpu().numpy(), data.y_train.cpu().numpy(),
+                                      client_id, shared, rng, config.ggeur.scaling)
+        res.augmented[client_id] = LocalData(torch.as_tensor(x, device=res.device),
+                                             torch.as_tensor(y, device=res.device),
+                                             data.x_test, data.y_test, None, data.z_test)
+    return res.augmented[client_id]
+
+
+def run_statistics(content: RecordDict) -> RecordDict:
+    """GGEUR's statistics phase: for each packed client, per class the count, sum and sum of
+    outer products of its training features (classes under ggeur.min_count withheld, optional
+    Gaussian noise on the sums); nothing per example."""
+    task = decode_task(content)
+    config = validate_config(task.experiment)
+    res = resident_for(config)
+    result = WorkerResult()
+    for client in task.clients:
+        data = res.client_data(client.client_id)
+        x = data.x_train.cpu().numpy().reshape(len(data.y_train), -1)
+        counts, sums, outers = class_statistics(x, data.y_train.cpu().numpy(), res.federation.num_classes)
+        withheld = counts < config.ggeur.min_count
+        counts[withheld], sums[withheld], outers[withheld] = 0, 0, 0
+        if config.ggeur.noise_std > 0:
+            seed = derive_seed(config.experiment.seed, client.client_id, GGEUR_STREAM, 1)
+            rng = np.random.default_rng(seed)
+            noise = rng.normal(0, config.ggeur.noise_std, outers.shape)
+            sums += rng.normal(0, config.ggeur.noise_std, sums.shape) * (~withheld)[:, None]
+            outers += (noise + noise.transpose(0, 2, 1)) / 2 * (~withheld)[:, None, None]
+        result.clients.append(ClientResult(client.client_id, {"num_examples": float(len(x))},
+                                           {"stats": {"counts": counts, "sums": sums, "outers": outers}}))
+    return encode_result(result)
+
+
 def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
                global_params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor],
                store: ClientStateStore) -> ClientResult:
     client = task.clients[index]
     res.load_global(global_params)
     data = res.client_data(client.client_id)
+    if "ggeur.values" in task.broadcast:
+        data = ggeur_data(res, client.client_id, data, task.broadcast, config)
     before = global_model_report(res, data) if client.config.get("report_global") else {}
     ctx = ObjectiveContext(client.client_id, global_params, broadcast, store)
     objectives = build_objectives({**config.client.objectives, **client.config.get("objectives", {})}, ctx)

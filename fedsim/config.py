@@ -83,6 +83,8 @@ class DataSection(Section):
     root: Path | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1, description="global held-out test share")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    embedding: str = Field("", description="'' raw inputs; 'identity' flattened inputs; or a file "
+                           "holding a frozen torch encoder (torch.jit or a pickled module)")
     train_subset: int | None = Field(None, ge=1, description="use about this many training examples "
                                      "(a stratified sample), for quick experiments")
     sensitive: str | None = Field(None, description="sensitive attribute (adult: sex|race; german: sex|age)")
@@ -141,6 +143,20 @@ class SystemSection(Section):
     deadline: float | None = Field(None, gt=0, description="simulated seconds; slower clients time out")
 
 
+class GgeurSection(Section):
+    """GGEUR: a statistics phase before training and class top-up by geometric sampling on the
+    clients, an add-on to any strategy. Works on `data.embedding` features."""
+
+    enabled: bool = False
+    target: int | None = Field(None, ge=1, description="examples per class after top-up "
+                               "(default: the class's global count / number of clients)")
+    scaling: Literal["sqrt", "lambda"] = "sqrt"
+    min_count: int = Field(1, ge=1, description="a client does not report classes it holds fewer of")
+    noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the reported sums")
+    prototypes: bool = Field(False, description="share class means and sample around other "
+                             "clients' (the multi-domain variant)")
+
+
 class StrategySection(BaseModel):
     """Strategy name, cohort size, and the strategy's own parameters (checked by the strategy)."""
 
@@ -188,6 +204,7 @@ class ExperimentConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     client: ClientSection = Field(default_factory=ClientSection)
     system: SystemSection = Field(default_factory=SystemSection)
+    ggeur: GgeurSection = Field(default_factory=GgeurSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     engine: EngineSection = Field(default_factory=EngineSection)

@@ -41,6 +41,9 @@ def check_config(config: ExperimentConfig) -> None:
     check_dataset_name(config.data.dataset)
     check_sensitive(config.data)
     check_model_name(config.model.name)
+    if config.ggeur.enabled and not config.data.embedding:
+        raise ConfigError("ggeur works on embeddings: set data.embedding = 'identity' (flattened "
+                          "inputs) or the path of a frozen encoder")
     unknown = sorted(set(config.client.objectives) - set(OBJECTIVES))
     if unknown:
         raise ConfigError(f"unknown local objective(s) {unknown} in client.objectives; "

@@ -65,6 +65,9 @@ class RunWriter:
         stats.write_heatmap(counts, self.run_dir / "federation.png", title)
         self.log("federation: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
 
+    def save_json(self, name: str, data: dict[str, Any]) -> None:
+        (self.run_dir / name).write_text(json.dumps(data, indent=2))
+
     def save_model(self, arrays: dict[str, np.ndarray]) -> None:
         np.savez(self.run_dir / "model.npz", **arrays)
 

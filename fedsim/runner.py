@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from clients.runtime import run_evaluate, run_train
+from clients.runtime import run_evaluate, run_statistics, run_train
+from fedsim.app import STATISTICS_ACTION
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.data.stats import label_counts
@@ -20,6 +21,7 @@ from fedsim.engine.transports import GridTransport, InProcessTransport
 from fedsim.errors import ConfigError
 from fedsim.registry import build_strategy, check_config
 from fedsim.results import RunWriter, default_run_dir
+from strategies.ggeur import shapes_from_statistics
 
 
 @dataclass
@@ -29,6 +31,20 @@ class RunSummary:
     run_dir: Path
     rounds: pd.DataFrame
     seconds: float
+
+
+def share_geometric_shapes(transport, strategy, num_clients: int, config: ExperimentConfig,
+                           writer: RunWriter) -> None:
+    """GGEUR's statistics phase: collect every client's class statistics once, pool them, and
+    have every later training message carry the classes' geometric shapes."""
+    clients, size = transport.query(STATISTICS_ACTION, list(range(num_clients)))
+    statistics = {c.client_id: c.outputs["stats"] for c in clients}
+    strategy.shared = shapes_from_statistics(statistics, num_clients, config.ggeur.target,
+                                             config.ggeur.prototypes)
+    shared_bytes = sum(a.nbytes for a in strategy.shared.values())
+    writer.save_json("ggeur.json", {"clients": len(statistics), "statistics_phase_bytes": size,
+                                    "shapes_bytes_per_message": shared_bytes})
+    writer.log(f"ggeur: statistics of {len(statistics)} clients, {size} bytes exchanged")
 
 
 def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None = None,
@@ -57,10 +73,13 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
                                     config.evaluation.decomposition_clients, config.experiment.seed)
 
     def loop(transport) -> None:
+        if config.ggeur.enabled:
+            share_geometric_shapes(transport, strategy, federation.num_clients, config, writer)
         run_rounds(config, transport, strategy, evaluator, writer, progress, decomposer)
 
     if config.engine.backend == "inprocess":
-        loop(InProcessTransport(strategy, config.engine.workers, run_train, run_evaluate))
+        loop(InProcessTransport(strategy, config.engine.workers, run_train, run_evaluate,
+                                {STATISTICS_ACTION: run_statistics}))
     else:
         from fedsim.engine.ray_backend import run_on_ray
 

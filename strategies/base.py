@@ -90,6 +90,7 @@ class FedsimStrategy(FlowerStrategy):
         self.system = SystemModel(config.system, self.client_sizes, config.client, self.seed)
         self.last_system = RoundSystem(participants=[])
         self.simulated_clock = 0.0
+        self.shared: Arrays = {}  # arrays every training message carries (e.g. GGEUR's shapes)
         self._pending: dict[int, list[int]] = {}
 
     # ---- what subclasses customise -------------------------------------------------------
@@ -153,7 +154,7 @@ class FedsimStrategy(FlowerStrategy):
         if train:
             self.current = arrays
         common = self.client_config(server_round) if train else {}
-        broadcast = self.broadcast(server_round) if train else {}
+        broadcast = {**self.broadcast(server_round), **self.shared} if train else {}
         reduce = None if (self.replies_per_client or not train) else dict(self.outputs)
         tasks = []
         for group in pack_balanced(cohort, self.client_sizes, num_workers):

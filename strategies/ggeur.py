@@ -77,10 +77,11 @@ def sample_around(centers: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np
     return centers + noise @ eigenvectors.T
 
 
-def augment(x: np.ndarray, y: np.ndarray, shapes: dict[int, tuple[np.ndarray, np.ndarray]], target: int,
-            rng: np.random.Generator, scaling: Scaling = "sqrt",
+def augment(x: np.ndarray, y: np.ndarray, shapes: dict[int, tuple[np.ndarray, np.ndarray]],
+            target: int | np.ndarray, rng: np.random.Generator, scaling: Scaling = "sqrt",
             prototypes: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top every class with a shape up to `target` examples; the originals are always kept.
+    """Top every class with a shape up to `target` examples (one count, or one per class); the
+    originals are always kept.
 
     New examples are drawn around the client's own examples of the class (several around each
     when it has few, then a random subset) and, when `prototypes` gives other domains' class
@@ -90,7 +91,7 @@ def augment(x: np.ndarray, y: np.ndarray, shapes: dict[int, tuple[np.ndarray, np
     parts_x, parts_y = [x], [y]
     for label, (values, vectors) in shapes.items():
         own = x[y == label]
-        missing = target - len(own)
+        missing = int(target if np.isscalar(target) else target[label]) - len(own)
         if missing <= 0:
             continue
         centers = own
@@ -104,3 +105,42 @@ def augment(x: np.ndarray, y: np.ndarray, shapes: dict[int, tuple[np.ndarray, np
         parts_x.append(drawn[keep].astype(x.dtype))
         parts_y.append(np.full(missing, label, dtype=y.dtype))
     return np.concatenate(parts_x), np.concatenate(parts_y)
+
+
+def shapes_from_statistics(per_client: dict[int, dict[str, np.ndarray]], num_clients: int,
+                           target: int | None, with_prototypes: bool) -> dict[str, np.ndarray]:
+    """Pool the clients' reported statistics into what every client is sent: per class the
+    eigenvalues (C, d) and eigenvectors (C, d, d) of the global covariance and the target count,
+    and optionally every client's class means with a mask of the classes it reported."""
+    counts = sum(s["counts"] for s in per_client.values())
+    sums = sum(s["sums"] for s in per_client.values())
+    outers = sum(s["outers"] for s in per_client.values())
+    num_classes, dim = sums.shape
+    values, vectors = np.zeros((num_classes, dim)), np.zeros((num_classes, dim, dim))
+    for c in np.flatnonzero(counts > 0):
+        values[c], vectors[c] = geometric_shape(pool_sums(counts[c], sums[c], outers[c])[1])
+    targets = np.full(num_classes, float(target)) if target else np.ceil(counts / num_clients)
+    shared = {"ggeur.values": values, "ggeur.vectors": vectors, "ggeur.target": targets}
+    if with_prototypes:
+        means, present = np.zeros((num_clients, num_classes, dim)), np.zeros((num_clients, num_classes))
+        for cid, stats in per_client.items():
+            held = stats["counts"] > 0
+            means[cid, held] = stats["sums"][held] / stats["counts"][held, None]
+            present[cid] = held
+        shared.update({"ggeur.prototypes": means, "ggeur.present": present})
+    return shared
+
+
+def augmented_training_set(x: np.ndarray, y: np.ndarray, client_id: int, shared: dict[str, np.ndarray],
+                           rng: np.random.Generator, scaling: Scaling) -> tuple[np.ndarray, np.ndarray]:
+    """A client's training set topped up with the shapes the server sent."""
+    values, vectors = shared["ggeur.values"], shared["ggeur.vectors"]
+    shapes = {c: (values[c], vectors[c]) for c in range(len(values)) if values[c].any()}
+    prototypes = None
+    if "ggeur.prototypes" in shared:
+        others = shared["ggeur.present"].astype(bool)
+        others[client_id] = False
+        prototypes = {c: shared["ggeur.prototypes"][others[:, c], c] for c in shapes if others[:, c].any()}
+    flat = x.reshape(len(x), -1)
+    new_x, new_y = augment(flat, y, shapes, shared["ggeur.target"], rng, scaling, prototypes)
+    return new_x.reshape((len(new_x), *x.shape[1:])), new_y

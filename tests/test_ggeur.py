@@ -3,9 +3,19 @@ and the statistics phase sends nothing per example."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import json
 
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedsim.config import load_config
+from fedsim.data.federation import build_federation
+from fedsim.data.sources import load_source
+from fedsim.errors import ConfigError
+from fedsim.registry import check_config
+from fedsim.runner import run_experiment
 from strategies.ggeur import (
     augment,
     class_statistics,
@@ -77,3 +87,32 @@ def test_augment_tops_every_class_up_and_keeps_the_originals():
     with_protos_x, with_protos_y = augment(x, y, shapes, 20, rng, prototypes=prototypes)
     assert np.bincount(with_protos_y).tolist() == [20, 20, 20]
     assert np.abs(with_protos_x[with_protos_y == 2].mean(axis=0) - 5.0).max() < 0.5
+
+
+def test_a_run_with_ggeur_tops_up_clients_and_records_the_statistics_cost(tmp_path):
+    overrides = ["data.embedding=identity", "model.name=logreg", "data.num_clients=6",
+                 "strategy.clients_per_round=6", "data.partition.alpha=0.1", "data.partition.min_size=5",
+                 "experiment.rounds=2", "engine.backend=inprocess", "ggeur.enabled=true",
+                 "ggeur.target=30", f"output.run_dir='{tmp_path}'"]
+    run_experiment(load_config(None, overrides))
+    cost = json.loads((tmp_path / "ggeur.json").read_text())
+    assert cost["clients"] == 6 and cost["statistics_phase_bytes"] > 6 * 10 * 64 * 64 * 8
+    clients = pd.read_parquet(tmp_path / "clients.parquet")
+    fed = build_federation(load_config(None, overrides).data, 0)
+    sizes = clients[clients["round"] == 1].set_index("client_id")["num_examples"]
+    for cid, size in sizes.items():
+        own = np.bincount(fed.dataset.y_train[fed.train_idx[cid]], minlength=10)
+        held = own > 0  # without prototypes, classes a client lacks are not generated
+        assert size == np.maximum(own[held], 30).sum()
+
+
+def test_ggeur_needs_embeddings_and_loads_a_frozen_encoder(tmp_path):
+    with pytest.raises(ConfigError, match="ggeur works on embeddings"):
+        check_config(load_config(None, ["ggeur.enabled=true"]))
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    torch.save(encoder, tmp_path / "encoder.pt")
+    fed = build_federation(load_config(None, [f"data.embedding='{tmp_path / 'encoder.pt'}'"]).data, 0)
+    assert fed.input_shape == (5,)
+    with torch.no_grad():
+        expected = encoder(torch.as_tensor(load_source(load_config(None).data, 0).x_train[:3])).numpy()
+    np.testing.assert_allclose(fed.dataset.x_train[:3], expected, atol=1e-6)

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedsim.config import DataSection
 from fedsim.data.arrays import ArrayDataset, stratified_split_indices
+from fedsim.data.embedding import embed
 from fedsim.data.features import apply_feature_skew
 from fedsim.data.partition import partition_labels
 from fedsim.data.sources import load_source
@@ -117,10 +118,10 @@ def _build(spec: DataSection, seed: int) -> Federation:
             dataset.y_train[part], spec.client_test_fraction, rng)
         train_idx.append(part[local_train])
         test_idx.append(part[local_test])
-    if spec.features.kind == "none":
-        return IndexedFederation(dataset, train_idx, test_idx)
-    dataset, test_domain = apply_feature_skew(dataset, parts, spec.features, seed)
-    return IndexedFederation(dataset, train_idx, test_idx, test_domain)
+    test_domain = None
+    if spec.features.kind != "none":
+        dataset, test_domain = apply_feature_skew(dataset, parts, spec.features, seed)
+    return IndexedFederation(embed(dataset, spec.embedding), train_idx, test_idx, test_domain)
 
 
 @lru_cache(maxsize=4)

@@ -7,7 +7,14 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.engine.protocol import Arrays, content_bytes, encode_task, from_record, to_record
+from fedsim.engine.protocol import (
+    Arrays,
+    ClientResult,
+    content_bytes,
+    encode_task,
+    from_record,
+    to_record,
+)
 
 Handler = Callable[[RecordDict], RecordDict]
 
@@ -39,23 +46,31 @@ class GridTransport:
         replies, size = self._exchange(messages)
         return dict(self.strategy.aggregate_evaluate(server_round, replies)), size
 
+    def query(self, action: str, cohort: list[int]) -> tuple[list[ClientResult], int]:
+        """One exchange of message type `query.<action>` with every client of `cohort`."""
+        nodes = len(list(self.grid.get_node_ids()))
+        tasks = self.strategy.plan(0, {}, cohort, nodes, train=False)
+        replies, size = self._exchange(self.strategy._messages(tasks, self.grid, f"query.{action}", 0))
+        return self.strategy.unpack(self.strategy._replies(replies)).clients, size
+
 
 class InProcessTransport:
     """Runs the workers' handlers in this process, one task after another (no Ray, no Flower
     messages): the reference loop for parity checks and debugging."""
 
     def __init__(self, strategy, workers: int, train_handler: Handler,
-                 evaluate_handler: Handler) -> None:
+                 evaluate_handler: Handler, query_handlers: dict[str, Handler] | None = None) -> None:
         self.strategy, self.workers = strategy, workers
-        self.handlers = {True: train_handler, False: evaluate_handler}
+        self.handlers = {True: train_handler, False: evaluate_handler, **(query_handlers or {})}
 
-    def _run(self, server_round: int, arrays: Arrays, cohort: list[int], train: bool):
+    def _run(self, server_round: int, arrays: Arrays, cohort: list[int], train: bool,
+             handler: str | None = None):
         replies, size = [], 0
         for task in self.strategy.plan(server_round, arrays, cohort, self.workers, train):
             content = encode_task(task)
             ids = [c.client_id for c in task.clients]
             try:
-                reply = self.handlers[train](content)
+                reply = self.handlers[train if handler is None else handler](content)
             except Exception as exc:
                 replies.append((ids, None, f"worker error: {type(exc).__name__}: {exc}"))
                 continue
@@ -73,3 +88,7 @@ class InProcessTransport:
         cohort = self.strategy.evaluation_cohort(server_round)
         replies, size = self._run(server_round, arrays, cohort, False)
         return self.strategy.finish_evaluate(replies), size
+
+    def query(self, action: str, cohort: list[int]) -> tuple[list[ClientResult], int]:
+        replies, size = self._run(0, {}, cohort, False, handler=action)
+        return self.strategy.unpack(replies).clients, size
