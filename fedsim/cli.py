@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +39,16 @@ def _summary_table(rounds) -> Table:
     return table
 
 
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input or missing data: one `error: ...` line and exit status 2, no traceback."""
+    try:
+        yield
+    except FedsimError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
 @app.command()
 def run(
     experiment: Annotated[Path, typer.Argument(help="experiment spec (TOML)")],
@@ -49,7 +61,7 @@ def run(
     from fedsim.registry import check_config
     from fedsim.runner import run_experiment
 
-    try:
+    with user_errors():
         config = load_config(experiment, set_)
         check_config(config)
         rounds = config.experiment.rounds
@@ -67,9 +79,6 @@ def run(
                 bar.update(task, completed=rnd, status=status)
 
             summary = run_experiment(config, progress=progress, verbose=verbose)
-    except FedsimError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
     console.print(_summary_table(summary.rounds))
     console.print(f"run directory: {summary.run_dir}  ({summary.seconds:.1f} s)")
 
@@ -85,11 +94,8 @@ def compare(
     from fedsim.compare import load_comparison, run_comparison
     from fedsim.runner import run_experiment
 
-    try:
+    with user_errors():
         folder, cells = load_comparison(spec, set_)
-    except FedsimError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
     with Progress(*columns, console=console) as bar:
@@ -159,13 +165,10 @@ def partition(
     from fedsim.data.federation import build_federation
     from fedsim.registry import check_config
 
-    try:
+    with user_errors():
         config = load_config(experiment, set_)
         check_config(config)
         counts = stats.label_counts(build_federation(config.data, config.experiment.seed))
-    except FedsimError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
     table = stats.counts_table(counts)
     listed = table if rows <= 0 else table.head(rows)
     grid = Table(title=f"{config.data.dataset}: {config.data.partition.kind} partition "
