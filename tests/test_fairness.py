@@ -11,7 +11,13 @@ from scipy.optimize import linprog
 from clients.objectives import ParityPenalty
 from fedsim.config import load_config
 from fedsim.engine.protocol import ClientResult
-from fedsim.fairness import aglfop, aglfop_frontier, mutual_information, pid_decomposition
+from fedsim.fairness import (
+    aglfop,
+    aglfop_frontier,
+    aglfop_predictor,
+    mutual_information,
+    pid_decomposition,
+)
 from fedsim.fairness.groups import (
     counts_from_metrics,
     counts_to_metrics,
@@ -237,3 +243,18 @@ def test_roc_region_caps_accuracy_at_the_classifiers_best_operating_point():
     expected = max(p_y[0] * (1 - f) + p_y[1] * t for f, t in vertices)
     assert bounded == pytest.approx(expected, abs=1e-5) and bounded < 1
     assert aglfop(p_zy[None], 10.0, 10.0) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("budgets", [(0.0, 0.0), (0.01, 0.002), (0.005, 0.05)])
+def test_aglfop_solution_respects_its_constraints(budgets):
+    eps_global, eps_local = budgets
+    joint = np.random.default_rng(11).random((3, 2, 2)) * [[[1, 4], [4, 1]]]
+    p = joint / joint.sum()
+    accuracy, q = aglfop_predictor(joint, eps_global, eps_local)
+    assert q.min() >= 0
+    np.testing.assert_allclose(q.sum(axis=3), p, atol=1e-6)  # the data's (s, z, y) are kept
+    q_szyhat = q.sum(axis=2)
+    assert mutual_information(q_szyhat.sum(axis=0)) <= eps_global + 1e-5  # I(Z; Yhat)
+    local = sum(block.sum() * mutual_information(block) for block in q_szyhat if block.sum() > 0)
+    assert local <= eps_local + 1e-5  # I(Z; Yhat | S)
+    assert accuracy == pytest.approx(sum(q[:, :, y, y].sum() for y in range(2)), abs=1e-6)

@@ -46,6 +46,12 @@ def aglfop(joint_szy: np.ndarray, eps_global: float, eps_local: float,
     (FPR, TPR) points of a trained classifier; then every group's (FPR, TPR) must lie inside
     their convex hull (the model-specific variant; binary Y).
     """
+    return aglfop_predictor(joint_szy, eps_global, eps_local, roc)[0]
+
+
+def aglfop_predictor(joint_szy: np.ndarray, eps_global: float, eps_local: float,
+                     roc: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """The AGLFOP optimum and the optimal joint Q(s, z, y, yhat) (normalized) that attains it."""
     p = _normalized(joint_szy, 3)
     s_size, z_size, y_size = p.shape
     shape = (s_size, z_size, y_size, y_size)  # (s, z, y, yhat)
@@ -75,7 +81,7 @@ def aglfop(joint_szy: np.ndarray, eps_global: float, eps_local: float,
     problem.solve(solver=cp.CLARABEL)
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
         raise RuntimeError(f"the AGLFOP program did not solve: {problem.status}")
-    return float(problem.value)
+    return float(problem.value), np.clip(q.value, 0.0, None).reshape(shape)
 
 
 def aglfop_frontier(joint_szy: np.ndarray, global_budgets: list[float], local_budgets: list[float],
