@@ -65,6 +65,14 @@ class FeatureSection(Section):
     max_shift: float = Field(1.0, ge=0, description="feature shift length of the last domain")
 
 
+class WarmupSection(Section):
+    """`data.embedding = "warmup"`: FedAvg trains `model` for `rounds` rounds on the raw inputs;
+    its layers but the last become the frozen encoder of the run's embeddings."""
+
+    model: str = "cnn"
+    rounds: int = Field(10, ge=1)
+
+
 class SyntheticSection(Section):
     """FedProx Synthetic(alpha, beta): natural clients with model and feature heterogeneity."""
 
@@ -83,13 +91,14 @@ class DataSection(Section):
     root: Path | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1, description="global held-out test share")
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
-    embedding: str = Field("", description="'' raw inputs; 'identity' flattened inputs; or a file "
-                           "holding a frozen torch encoder (torch.jit or a pickled module)")
+    embedding: str = Field("", description="'' raw inputs; 'identity' flattened inputs; 'warmup' (a "
+                           "federated warm-up's feature extractor); or a frozen torch encoder file")
     train_subset: int | None = Field(None, ge=1, description="use about this many training examples "
                                      "(a stratified sample), for quick experiments")
     sensitive: str | None = Field(None, description="sensitive attribute (adult: sex|race; german: sex|age)")
     partition: PartitionSection = Field(default_factory=PartitionSection)
     features: FeatureSection = Field(default_factory=FeatureSection)
+    warmup: WarmupSection = Field(default_factory=WarmupSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
 
     @model_validator(mode="after")

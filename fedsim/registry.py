@@ -41,6 +41,8 @@ def check_config(config: ExperimentConfig) -> None:
     check_dataset_name(config.data.dataset)
     check_sensitive(config.data)
     check_model_name(config.model.name)
+    if config.data.embedding == "warmup":
+        check_model_name(config.data.warmup.model)
     if config.ggeur.enabled and not config.data.embedding:
         raise ConfigError("ggeur works on embeddings: set data.embedding = 'identity' (flattened "
                           "inputs) or the path of a frozen encoder")

@@ -21,6 +21,7 @@ from fedsim.engine.transports import GridTransport, InProcessTransport
 from fedsim.errors import ConfigError
 from fedsim.registry import build_strategy, check_config
 from fedsim.results import RunWriter, default_run_dir
+from fedsim.warmup import with_warmup_encoder
 from strategies.ggeur import shapes_from_statistics
 
 
@@ -51,6 +52,8 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
                    verbose: bool = False) -> RunSummary:
     """Run `config` on its backend and return the run directory and per-round metrics."""
     check_config(config)
+    if config.data.embedding == "warmup":
+        config = with_warmup_encoder(config, default_run_dir(config), run_experiment)
     if (config.engine.gpus_per_worker > 0 and not config.engine.ray_address
             and not torch.cuda.is_available()):
         raise ConfigError("engine.gpus_per_worker > 0 but no CUDA GPU is visible here; "

@@ -116,3 +116,38 @@ def test_ggeur_needs_embeddings_and_loads_a_frozen_encoder(tmp_path):
     with torch.no_grad():
         expected = encoder(torch.as_tensor(load_source(load_config(None).data, 0).x_train[:3])).numpy()
     np.testing.assert_allclose(fed.dataset.x_train[:3], expected, atol=1e-6)
+
+
+def test_warmup_embeddings_train_an_encoder_then_ggeur_runs_on_its_features(tmp_path):
+    config = load_config(None, [
+        "data.embedding=warmup", "data.warmup.model=mlp", "data.warmup.rounds=3", "model.hidden=[24]",
+        "model.name=logreg", "data.num_clients=6", "strategy.clients_per_round=6",
+        "data.partition.min_size=5", "experiment.rounds=3", "engine.backend=inprocess",
+        "client.local_epochs=3", "client.lr=0.2", f"output.dir='{tmp_path / 'runs'}'",
+        "ggeur.enabled=true", f"output.run_dir='{tmp_path}'"])
+    rounds = run_experiment(config).rounds
+    (warm_dir,) = (tmp_path / "runs" / "warmups").iterdir()
+    warmup = json.loads((warm_dir / "summary.json").read_text())
+    assert warmup["rounds"] == 3 and warmup["final_accuracy"] > 0.6
+    encoder = torch.load(warm_dir / "encoder.pt", weights_only=False)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    used = json.loads((tmp_path / "config.json").read_text())["data"]["embedding"]
+    assert used == str((warm_dir / "encoder.pt").resolve())
+    again = load_config(None, [*config_overrides(config), f"output.run_dir='{tmp_path / 'second'}'"])
+    started = (warm_dir / "summary.json").stat().st_mtime
+    run_experiment(again)  # the same warm-up is reused, not trained again
+    assert (warm_dir / "summary.json").stat().st_mtime == started
+    assert len(list((tmp_path / "runs" / "warmups").iterdir())) == 1
+    fed = build_federation(load_config(None, [f"data.embedding='{used}'", "data.num_clients=6",
+                                              "data.partition.min_size=5"]).data, 0)
+    assert fed.input_shape == (24,)  # the warm-up MLP's hidden layer
+    assert rounds["test_accuracy"].iloc[-1] > 0.5
+
+
+def config_overrides(config) -> list[str]:
+    """The spec's non-default keys as `key=value` overrides (to re-run it elsewhere)."""
+    return ["data.embedding=warmup", "data.warmup.model=mlp", "data.warmup.rounds=3", "model.hidden=[24]",
+            "model.name=logreg", "data.num_clients=6", "strategy.clients_per_round=6",
+            "data.partition.min_size=5", "experiment.rounds=1", "engine.backend=inprocess",
+            "client.local_epochs=3", "client.lr=0.2", f"output.dir='{config.output.dir}'",
+            "ggeur.enabled=false"]
