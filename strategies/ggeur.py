@@ -120,14 +120,15 @@ def shapes_from_statistics(per_client: dict[int, dict[str, np.ndarray]], num_cli
     for c in np.flatnonzero(counts > 0):
         values[c], vectors[c] = geometric_shape(pool_sums(counts[c], sums[c], outers[c])[1])
     targets = np.full(num_classes, float(target)) if target else np.ceil(counts / num_clients)
-    shared = {"ggeur.values": values, "ggeur.vectors": vectors, "ggeur.target": targets}
+    shared = {"ggeur.values": values.astype(np.float32), "ggeur.vectors": vectors.astype(np.float32),
+              "ggeur.target": targets}  # float32 halves what every training message carries
     if with_prototypes:
         means, present = np.zeros((num_clients, num_classes, dim)), np.zeros((num_clients, num_classes))
         for cid, stats in per_client.items():
             held = stats["counts"] > 0
             means[cid, held] = stats["sums"][held] / stats["counts"][held, None]
             present[cid] = held
-        shared.update({"ggeur.prototypes": means, "ggeur.present": present})
+        shared.update({"ggeur.prototypes": means.astype(np.float32), "ggeur.present": present})
     return shared
 
 
