@@ -1,0 +1,127 @@
+"""One self-contained HTML report over runs or a comparison folder, from stored results only.
+
+Runs are grouped into panels by heterogeneity level (the grid values other than the variant and
+the seed) and into lines by variant; seeds give the mean and a min-max band. Plots are inline SVG,
+so the file works offline and prints.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from fedsim.report.plots import (
+    DECOMPOSITION,
+    FAIRNESS,
+    client_boxes_svg,
+    curves_svg,
+    frontier_svg,
+    heterogeneity_svg,
+    levels_of,
+    variants_of,
+)
+from fedsim.report.runs import RunRecord, collect_runs, flat_config
+from fedsim.report.tables import summary_table, table_html
+
+PACKAGES = ["fedsim", "flwr", "flwr-datasets", "torch", "ray", "numpy", "pandas"]
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def config_differences(runs: list[RunRecord]) -> tuple[dict, list[tuple[str, dict]]]:
+    """The first run's config, and for every run the keys where it differs from it."""
+    base = flat_config(runs[0].config)
+    diffs = []
+    for run in runs:
+        mine = flat_config(run.config)
+        diffs.append((run.run_dir.name, {k: v for k, v in mine.items()
+                                         if base.get(k) != v and k != "output.run_dir"}))
+    return runs[0].config, diffs
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;color:#222;
+padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+.meta{color:#666} table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+th,td{padding:.3em .6em;border-bottom:1px solid #eee;text-align:right}
+th{background:#f6f6f6;position:sticky;top:0} td:first-child,td:nth-child(2),th:first-child,
+th:nth-child(2){text-align:left}
+td.best{font-weight:700;background:#eef6ee} figure{margin:1em 0;overflow-x:auto}
+figure svg{max-width:100%;height:auto} summary{cursor:pointer;margin:.5em 0}
+pre{background:#f8f8f8;padding:1em;font-size:.8em;overflow-x:auto}
+@media print{figure{break-inside:avoid} th{position:static} details{display:block}}
+"""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
+                 target: float | None = None) -> Path:
+    """Write `out` (HTML) and `out`'s summary table as CSV beside it; returns the HTML path."""
+    runs = collect_runs([Path(p) for p in paths])
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {', '.join(map(str, paths))}")
+    if target is None:  # 90% of the best mean final accuracy reached by any variant
+        target = round(0.9 * max(r.summary["final_accuracy"] for r in runs), 3)
+    table = summary_table(runs, target)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    sections = [
+        f"<h2>Summary</h2><p>Mean &plusmn; std over seeds; best per level in bold. Target accuracy "
+        f"for <i>rounds to target</i>: {target:.3f}. Client accuracies are the local test splits in "
+        f"the last round with client evaluation.</p>{table_html(table)}",
+        "<h2>Test accuracy and loss per round</h2><p>Lines: mean over seeds; bands: min to max.</p>"
+        f"<figure>{curves_svg(runs, [('test_accuracy', 'test accuracy'), ('test_loss', 'test loss')])}"
+        "</figure>"]
+    boxes = client_boxes_svg(runs)
+    if boxes:
+        sections.append(f"<h2>Per-client accuracy of the final models</h2><figure>{boxes}</figure>")
+    hetero = heterogeneity_svg(runs)
+    if hetero:
+        sections.append("<h2>The federations</h2><p>Label counts per client (first seed of each level, "
+                        f"at most 100 clients) and client sizes.</p><figure>{hetero}</figure>")
+    if any("decomp_local" in r.rounds for r in runs):
+        sections.append("<h2>Loss decomposition</h2><p>F(aggregate) = local + distribution shift + "
+                        "aggregation loss, on the clients' training data, at each evaluation round.</p>"
+                        f"<figure>{curves_svg(runs, DECOMPOSITION)}</figure>")
+    if any("pid_global_disparity" in r.rounds for r in runs):
+        sections.append("<h2>Group fairness</h2><p>Statistical-parity gaps |P(yhat=1|z=1) - "
+                        "P(yhat=1|z=0)| over all clients' test splits (global) and within clients "
+                        "(size-weighted mean), and the partial information decomposition of the "
+                        "disparity: global = unique + redundant, local = unique + masked. Plug-in "
+                        "mutual information is biased upward on small counts.</p>"
+                        f"<figure>{curves_svg(runs, FAIRNESS)}</figure>")
+        frontier = frontier_svg(runs)
+        if frontier:
+            sections.append("<h3>Accuracy / fairness frontier (AGLFOP)</h3><p>Lines: the best "
+                            "accuracy any predictor can reach on the clients' test data under a "
+                            "global and a local disparity budget (no model constraint, so it reaches "
+                            "1 without budgets). Points: each run's final (global disparity, client "
+                            f"accuracy).</p><figure>{frontier}</figure>")
+    base, diffs = config_differences(runs)
+    diff_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(json.dumps(d))}</td></tr>"
+                        for name, d in diffs)
+    sections.append(
+        "<h2>Reproducibility</h2><p>Software: " + ", ".join(f"{k} {v}" for k, v in versions().items())
+        + f"</p><details><summary>Base configuration ({html.escape(runs[0].run_dir.name)})</summary>"
+        f"<pre>{html.escape(json.dumps(base, indent=2))}</pre></details><p>Each run's differences:</p>"
+        f"<table><thead><tr><th>run</th><th>differs in</th></tr></thead><tbody>{diff_rows}</tbody></table>")
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p class='meta'>{_count(len(runs), 'run')}, {_count(len(variants_of(runs)), 'variant')}, "
+            f"{_count(len(levels_of(runs)), 'heterogeneity level')}</p>{''.join(sections)}</body></html>")
+    out.write_text(page)
+    return out

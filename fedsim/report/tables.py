@@ -1,0 +1,78 @@
+"""The report's summary table: per (level, variant) mean and std over seeds, best marked."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+from fedsim.report.runs import RunRecord
+
+
+def rounds_to_target(rounds: pd.DataFrame, target: float) -> float:
+    hit = rounds[rounds["test_accuracy"] >= target]
+    return float(hit["round"].iloc[0]) if len(hit) else float("nan")
+
+
+def client_accuracy(run: RunRecord) -> np.ndarray:
+    """Local test accuracy of each client evaluated in the last round that had client evaluation."""
+    if run.clients.empty or "eval_accuracy" not in run.clients:
+        return np.array([])
+    evaluated = run.clients.dropna(subset=["eval_accuracy"])
+    if evaluated.empty:
+        return np.array([])
+    return evaluated[evaluated["round"] == evaluated["round"].max()]["eval_accuracy"].to_numpy()
+
+
+def run_metrics(run: RunRecord, target: float) -> dict[str, float]:
+    accuracy = client_accuracy(run)
+    worst = np.sort(accuracy)[:max(1, len(accuracy) // 10)] if len(accuracy) else accuracy
+    return {"final accuracy": run.summary["final_accuracy"], "best accuracy": run.summary["best_accuracy"],
+            "rounds to target": rounds_to_target(run.rounds, target),
+            "client acc. mean": float(accuracy.mean()) if len(accuracy) else np.nan,
+            "client acc. std": float(accuracy.std()) if len(accuracy) else np.nan,
+            "client acc. worst 10%": float(worst.mean()) if len(worst) else np.nan,
+            "MB exchanged": float(run.rounds["bytes_exchanged"].sum()) / 1e6,
+            "wall seconds": run.summary["seconds"]}
+
+
+LOWER_IS_BETTER = {"rounds to target", "client acc. std", "MB exchanged", "wall seconds"}
+
+
+def summary_table(runs: list[RunRecord], target: float) -> pd.DataFrame:
+    """Mean and std over seeds of each metric, per (level, variant)."""
+    rows = [{"level": r.level, "variant": r.variant, **run_metrics(r, target)} for r in runs]
+    frame = pd.DataFrame(rows)
+    grouped = frame.groupby(["level", "variant"], sort=False)
+    table = grouped.agg(["mean", "std"])
+    table.columns = [f"{metric} {stat}" for metric, stat in table.columns]
+    table["seeds"] = grouped.size()
+    return table.reset_index()
+
+
+def _cell(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "-"
+    return f"{mean:.4g}" + ("" if np.isnan(std) else f" &plusmn; {std:.2g}")
+
+
+def table_html(table: pd.DataFrame) -> str:
+    metrics = [c[:-5] for c in table.columns if c.endswith(" mean")]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["level", "variant", *metrics, "seeds"])
+    body = []
+    for level, block in table.groupby("level", sort=False):
+        best = {}
+        for m in metrics:
+            values = block[f"{m} mean"]
+            if values.notna().any():
+                best[m] = values.min() if m in LOWER_IS_BETTER else values.max()
+        for _, row in block.iterrows():
+            cells = [f"<td>{html.escape(str(level))}</td>", f"<td>{html.escape(row['variant'])}</td>"]
+            for m in metrics:
+                text = _cell(row[f"{m} mean"], row[f"{m} std"])
+                marked = m in best and row[f"{m} mean"] == best[m] and len(block) > 1
+                cells.append(f"<td class='best'>{text}</td>" if marked else f"<td>{text}</td>")
+            cells.append(f"<td>{int(row['seeds'])}</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
