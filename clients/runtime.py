@@ -15,6 +15,7 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
+from clients.ggeur import augmented_training_set, class_statistics
 from clients.objectives import ObjectiveContext, build_objectives
 from clients.state import ClientStateStore
 from clients.training import LocalData, train_locally
@@ -33,7 +34,6 @@ from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import counts_to_metrics, group_confusion
 from fedsim.models import build_model
 from fedsim.seeding import derive_seed
-from strategies.ggeur import augmented_training_set, class_statistics
 
 
 def worker_device(config: ExperimentConfig) -> torch.device:

@@ -10,20 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from clients.ggeur import augment, class_statistics, sample_around
 from fedsim.config import load_config
 from fedsim.data.federation import build_federation
 from fedsim.data.sources import load_source
 from fedsim.errors import ConfigError
 from fedsim.registry import check_config
 from fedsim.runner import run_experiment
-from strategies.ggeur import (
-    augment,
-    class_statistics,
-    geometric_shape,
-    pool_class_statistics,
-    pool_sums,
-    sample_around,
-)
+from strategies.ggeur import geometric_shape, pool_class_statistics, pool_sums
 
 
 def clients_of_one_class(seed: int) -> list[np.ndarray]:
