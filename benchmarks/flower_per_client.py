@@ -62,6 +62,6 @@ def run(config, initial: dict[str, torch.Tensor]) -> list[float]:
 
     run_simulation(server, app, num_supernodes=config.data.num_clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": config.engine.workers,
+                                   "init_args": {"address": "local", "num_cpus": config.engine.workers,
                                                  "log_to_driver": False}})
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]

@@ -39,6 +39,15 @@ def _summary_table(rounds) -> Table:
     return table
 
 
+def round_status(row: dict) -> str:
+    """The progress bar's text for a finished round: latest accuracy and failures."""
+    acc = row.get("test_accuracy")
+    status = f"acc {acc:.4f}" if acc is not None and not math.isnan(acc) else ""
+    if row.get("num_failures"):
+        status += f"  failures {int(row['num_failures'])}"
+    return status
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Bad input or missing data: one `error: ...` line and exit status 2, no traceback."""
@@ -72,11 +81,7 @@ def run(
             task = bar.add_task("rounds", total=rounds, status="starting workers...")
 
             def progress(rnd: int, row: dict) -> None:
-                acc = row.get("test_accuracy")
-                status = f"acc {acc:.4f}" if acc is not None else ""
-                if row.get("num_failures"):
-                    status += f"  failures {int(row['num_failures'])}"
-                bar.update(task, completed=rnd, status=status)
+                bar.update(task, completed=rnd, status=round_status(row))
 
             summary = run_experiment(config, progress=progress, verbose=verbose)
     console.print(_summary_table(summary.rounds))
@@ -111,8 +116,7 @@ def compare(
             bar.reset(rounds, total=cell.config.experiment.rounds)
 
             def progress(rnd: int, row: dict) -> None:
-                acc = row.get("test_accuracy")
-                bar.update(rounds, completed=rnd, status=f"acc {acc:.4f}" if acc is not None else "")
+                bar.update(rounds, completed=rnd, status=round_status(row))
 
             run_experiment(cell.config, progress=progress, verbose=verbose)
             bar.advance(grid)

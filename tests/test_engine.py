@@ -1,7 +1,12 @@
 """End-to-end runs: reproducibility, Ray/in-process parity, failures, incremental results."""
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +116,45 @@ def test_ray_runs_with_client_state_are_reproducible(tmp_path):
     pd.testing.assert_frame_equal(metrics(a.run_dir).drop(columns=exchanged),
                                   metrics(b.run_dir).drop(columns=exchanged))
     assert len(list((a.run_dir / "client_state" / "scaffold_control").glob("*.npz"))) > 10
+
+
+@pytest.fixture
+def ray_cluster():
+    """A Ray head started like a user's cluster (`ray start --head`) on 127.0.0.1; stopped by PID."""
+    ray = Path(sys.executable).parent / "ray"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run([str(ray), "status", f"--address={address}"], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not start"
+            time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # `ray start` leaves it
+        if marker.is_file() and marker.read_text().strip().endswith(f":{port}"):
+            marker.unlink()
+
+
+@pytest.mark.slow
+def test_attaches_to_an_existing_ray_cluster(tmp_path, ray_cluster):
+    attached = run(tmp_path, "cluster", "experiment.rounds=2", f"engine.ray_address='{ray_cluster}'")
+    plain = run(tmp_path, "plain", "experiment.rounds=2", "engine.backend=inprocess")
+    for name, value in model(attached.run_dir).items():
+        np.testing.assert_allclose(value, model(plain.run_dir)[name], atol=1e-5)
 
 
 def fedsim_cli(*args: str) -> subprocess.CompletedProcess:

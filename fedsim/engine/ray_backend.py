@@ -43,7 +43,8 @@ def backend_config(config: ExperimentConfig, verbose: bool) -> dict:
                        "logging_level": logging.INFO if verbose else logging.ERROR}
     if engine.ray_address:
         init_args["address"] = engine.ray_address
-    else:
+    else:  # "local": never attach to a cluster someone started with `ray start` on this machine
+        init_args["address"] = "local"
         init_args["num_cpus"] = max(1, round(engine.workers * engine.cpus_per_worker))
     return {"client_resources": {"num_cpus": engine.cpus_per_worker,
                                  "num_gpus": engine.gpus_per_worker},
