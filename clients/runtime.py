@@ -6,6 +6,7 @@ device (a per-process cache); every client loads the global weights into that mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import traceback
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class Resident:
     model: nn.Module
     device: torch.device
     base: tuple[torch.Tensor, torch.Tensor] | None  # all training arrays, for indexed data
-    augmented: dict[int, LocalData] = field(default_factory=dict)  # GGEUR top-ups, per client
+    augmented: dict[tuple, LocalData] = field(default_factory=dict)  # GGEUR top-ups, per client
 
     def client_data(self, client_id: int) -> LocalData:
         fed = self.federation
@@ -117,15 +118,19 @@ def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
 
 def ggeur_data(res: Resident, client_id: int, data: LocalData, shared: Arrays,
                config: ExperimentConfig) -> LocalData:
-    """The client's training set topped up by GGEUR's geometric sampling (built once, cached)."""
-    if client_id not in res.augmented:
+    """The client's training set topped up by GGEUR's geometric sampling (built once per set of
+    shapes and settings, then cached)."""
+    ggeur_keys = sorted(k for k in shared if k.startswith("ggeur."))
+    fingerprint = hashlib.sha1(b"".join(np.ascontiguousarray(shared[k]).tobytes() for k in ggeur_keys))
+    key = (client_id, fingerprint.hexdigest(), config.ggeur.scaling)
+    if key not in res.augmented:
         rng = np.random.default_rng(derive_seed(config.experiment.seed, client_id, GGEUR_STREAM))
         x, y = augmented_training_set(data.x_train.cpu().numpy(), data.y_train.cpu().numpy(),
                                       client_id, shared, rng, config.ggeur.scaling)
-        res.augmented[client_id] = LocalData(torch.as_tensor(x, device=res.device),
-                                             torch.as_tensor(y, device=res.device),
-                                             data.x_test, data.y_test, None, data.z_test)
-    return res.augmented[client_id]
+        res.augmented[key] = LocalData(torch.as_tensor(x, device=res.device),
+                                       torch.as_tensor(y, device=res.device),
+                                       data.x_test, data.y_test, None, data.z_test)
+    return res.augmented[key]
 
 
 def run_statistics(content: RecordDict) -> RecordDict:

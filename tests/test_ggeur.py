@@ -145,3 +145,15 @@ def config_overrides(config) -> list[str]:
             "data.partition.min_size=5", "experiment.rounds=1", "engine.backend=inprocess",
             "client.local_epochs=3", "client.lr=0.2", f"output.dir='{config.output.dir}'",
             "ggeur.enabled=false"]
+
+
+def test_a_new_target_in_the_same_process_rebuilds_the_top_ups(tmp_path):
+    base = ["data.embedding=identity", "model.name=logreg", "data.num_clients=4",
+            "strategy.clients_per_round=4", "data.partition.min_size=5", "experiment.rounds=1",
+            "engine.backend=inprocess", "ggeur.enabled=true"]
+    sizes = []
+    for target in (20, 60):
+        run_dir = tmp_path / str(target)
+        run_experiment(load_config(None, [*base, f"ggeur.target={target}", f"output.run_dir='{run_dir}'"]))
+        sizes.append(pd.read_parquet(run_dir / "clients.parquet")["num_examples"].sum())
+    assert sizes[1] > sizes[0]  # not the first run's cached augmentation
