@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 from pathlib import Path
@@ -104,3 +105,22 @@ def test_report_renders_in_headless_chromium(comparison, tmp_path):
         assert screenshot.stat().st_size > 50_000
     finally:
         driver.quit()
+
+
+def test_a_grid_over_seeds_only_is_one_level_and_missing_cells_are_fine(comparison, tmp_path):
+    seeds_only = tmp_path / "seeds-only"
+    seeds_only.mkdir()
+    cells = pd.read_csv(comparison / "cells.csv")
+    keep = cells[cells["alpha"] == 0.1].drop(columns=["alpha"])
+    keep = keep[~((keep["variant"] == "fedld") & (keep["seed"] == 1))]
+    for cell in keep["cell"]:
+        shutil.copytree(comparison / cell, seeds_only / cell)
+        if cell.startswith("fedld"):  # a variant that also sets a non-strategy key
+            config = json.loads((seeds_only / cell / "config.json").read_text())
+            config["ggeur"]["enabled"] = True
+            (seeds_only / cell / "config.json").write_text(json.dumps(config))
+    keep.to_csv(seeds_only / "cells.csv", index=False)
+    out = build_report([seeds_only], tmp_path / "seeds.html")
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert len(table) == 2 and table["level"].isna().all()  # one level, however configs differ
+    assert out.read_text().count("<svg") == 4

@@ -77,8 +77,9 @@ def curves_svg(runs: list[RunRecord], columns: list[tuple[str, str]]) -> str:
 def client_boxes_svg(runs: list[RunRecord]) -> str | None:
     plt = _pyplot()
     levels, variants = levels_of(runs), variants_of(runs)
-    data = {(lv, v): np.concatenate([client_accuracy(r) for r in runs if r.level == lv and r.variant == v])
-            for lv in levels for v in variants}
+    data = {(lv, v): np.concatenate([np.zeros(0), *(client_accuracy(r) for r in runs
+                                                    if r.level == lv and r.variant == v)])
+            for lv in levels for v in variants}  # a (level, variant) without runs stays empty
     if not any(len(a) for a in data.values()):
         return None
     fig, axes = plt.subplots(1, len(levels), figsize=(3.6 * len(levels), 2.8), squeeze=False, sharey=True)

@@ -41,7 +41,7 @@ def _read(run_dir: Path, variant: str | None = None, level: str = "") -> RunReco
 
 def collect_runs(paths: list[Path]) -> list[RunRecord]:
     """Finished runs under `paths`: comparison folders (with cells.csv) or run directories."""
-    runs = []
+    runs, loose = [], []
     for path in paths:
         cells = path / "cells.csv"
         if cells.is_file():
@@ -54,11 +54,11 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
                 variant = row["variant"] if isinstance(row["variant"], str) else None
                 runs.append(_read(path / row["cell"], variant, level))
         elif (path / SUMMARY_FILE).is_file():
-            runs.append(_read(path))
+            loose.append(_read(path))
         else:
-            runs.extend(_read(p.parent) for p in sorted(path.glob(f"*/{SUMMARY_FILE}")))
-    _label_loose_runs([r for r in runs if not r.level])
-    return runs
+            loose.extend(_read(p.parent) for p in sorted(path.glob(f"*/{SUMMARY_FILE}")))
+    _label_loose_runs(loose)  # a comparison's cells keep the levels of its grid
+    return runs + loose
 
 
 NOT_A_LEVEL = ("experiment.seed", "experiment.name", "strategy.", "output.", "engine.")
