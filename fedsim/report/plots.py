@@ -148,16 +148,17 @@ def frontier_svg(runs: list[RunRecord]) -> str | None:
     """Per level: the AGLFOP frontier (best accuracy vs global budget, one line per local budget)
     on the first run's client data, and each run's achieved (global disparity, accuracy)."""
     plt = _pyplot()
-    levels = [lv for lv in levels_of(runs) if any(
-        r.level == lv and final_client_counts(r) is not None for r in runs)]
+    variants = variants_of(runs)  # colours as in the other figures
+    counts = {id(r): final_client_counts(r) for r in runs}
+    runs = [r for r in runs if counts[id(r)] is not None]
+    levels = levels_of(runs)
     if not levels:
         return None
-    variants = variants_of(runs)
     fig, axes = plt.subplots(1, len(levels), figsize=(3.8 * len(levels), 3.0), squeeze=False, sharey=True)
     for col, level in enumerate(levels):
         ax = axes[0][col]
-        members = [r for r in runs if r.level == level and final_client_counts(r) is not None]
-        frontier = aglfop_frontier(final_client_counts(members[0]), GLOBAL_BUDGETS, LOCAL_BUDGETS)
+        members = [r for r in runs if r.level == level]
+        frontier = aglfop_frontier(counts[id(members[0])], GLOBAL_BUDGETS, LOCAL_BUDGETS)
         for j, budget in enumerate(LOCAL_BUDGETS):
             label = "local budget unlimited" if budget >= 10 else f"local budget {budget} bits"
             ax.plot(GLOBAL_BUDGETS, frontier[:, j], color="grey", lw=1, ls=["--", ":", "-"][j], label=label)
