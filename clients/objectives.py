@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.state import ClientStateStore
+from clients.state import StateStore
 
 Arrays = dict[str, np.ndarray]
 
@@ -27,7 +27,7 @@ class ObjectiveContext:
     client_id: int
     global_params: dict[str, torch.Tensor]
     broadcast: dict[str, torch.Tensor]
-    store: ClientStateStore
+    store: StateStore
 
 
 class Objective:

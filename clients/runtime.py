@@ -1,7 +1,8 @@
 """The worker runtime: trains or evaluates the virtual clients of one packed message.
 
-Each worker process keeps one resident model and the federation's data as tensors on its
-device (a per-process cache); every client loads the global weights into that model in place.
+In simulation each worker process keeps one resident model and the federation's data as tensors
+on its device (a per-process cache); every client loads the global weights into that model in
+place. A deployed node supplies its own client's data and state instead (a `Host`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import traceback
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 from clients.ggeur import augmented_training_set, class_statistics
 from clients.objectives import ObjectiveContext, build_objectives
-from clients.state import ClientStateStore
+from clients.state import ClientStateStore, StateStore
 from clients.training import LocalData, train_locally
 from fedsim.config import ExperimentConfig, validate_config
 from fedsim.data.federation import Federation, IndexedFederation, build_federation
@@ -48,10 +50,12 @@ def worker_device(config: ExperimentConfig) -> torch.device:
 class Resident:
     """What a worker process keeps between messages for one experiment."""
 
-    federation: Federation
+    federation: Federation  # or any object with `client_data(client_id) -> ClientData`
     model: nn.Module
     device: torch.device
     base: tuple[torch.Tensor, torch.Tensor] | None  # all training arrays, for indexed data
+    num_classes: int
+    num_groups: int  # sensitive groups (0 when the data have none)
     augmented: dict[tuple, LocalData] = field(default_factory=dict)  # GGEUR top-ups, per client
 
     def client_data(self, client_id: int) -> LocalData:
@@ -91,9 +95,34 @@ def resident_for(config: ExperimentConfig) -> Resident:
         if isinstance(fed, IndexedFederation):
             base = (torch.as_tensor(fed.dataset.x_train, device=device),
                     torch.as_tensor(fed.dataset.y_train, device=device))
+        dataset = getattr(fed, "dataset", None)
+        groups = len(dataset.sensitive_groups) if dataset is not None else 0
         _RESIDENT.clear()
-        _RESIDENT[key] = Resident(fed, model, device, base)
+        _RESIDENT[key] = Resident(fed, model, device, base, fed.num_classes, groups)
     return _RESIDENT[key]
+
+
+class Host(Protocol):
+    """Where a worker gets its resident data and model, and its clients' persistent state."""
+
+    def resident(self, config: ExperimentConfig, task: Task) -> Resident:
+        ...
+
+    def state_store(self, task: Task) -> StateStore:
+        ...
+
+
+class SimulationHost:
+    """A simulation worker: the whole federation cached per process, state in the run directory."""
+
+    def resident(self, config: ExperimentConfig, task: Task) -> Resident:
+        return resident_for(config)
+
+    def state_store(self, task: Task) -> StateStore:
+        return ClientStateStore(task.run_dir)
+
+
+SIMULATION = SimulationHost()
 
 
 def _tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -111,8 +140,7 @@ def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
     if data.z_train is not None:
         report.update(counts_to_metrics(group_confusion(
             data.y_train.cpu().numpy(), predict(res.model, data.x_train).cpu().numpy(),
-            data.z_train.cpu().numpy(), len(res.federation.dataset.sensitive_groups),
-            res.federation.num_classes), prefix="pre_"))
+            data.z_train.cpu().numpy(), res.num_groups, res.num_classes), prefix="pre_"))
     return report
 
 
@@ -133,18 +161,18 @@ def ggeur_data(res: Resident, client_id: int, data: LocalData, shared: Arrays,
     return res.augmented[key]
 
 
-def run_statistics(content: RecordDict) -> RecordDict:
+def run_statistics(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     """GGEUR's statistics phase: for each packed client, per class the count, sum and sum of
     outer products of its training features (classes under ggeur.min_count withheld, optional
     Gaussian noise on the sums); nothing per example."""
     task = decode_task(content)
     config = validate_config(task.experiment)
-    res = resident_for(config)
+    res = host.resident(config, task)
     result = WorkerResult()
     for client in task.clients:
         data = res.client_data(client.client_id)
         x = data.x_train.cpu().numpy().reshape(len(data.y_train), -1)
-        counts, sums, outers = class_statistics(x, data.y_train.cpu().numpy(), res.federation.num_classes)
+        counts, sums, outers = class_statistics(x, data.y_train.cpu().numpy(), res.num_classes)
         withheld = counts < config.ggeur.min_count
         counts[withheld], sums[withheld], outers[withheld] = 0, 0, 0
         if config.ggeur.noise_std > 0:
@@ -160,7 +188,7 @@ def run_statistics(content: RecordDict) -> RecordDict:
 
 def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
                global_params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor],
-               store: ClientStateStore) -> ClientResult:
+               store: StateStore) -> ClientResult:
     client = task.clients[index]
     res.load_global(global_params)
     data = res.client_data(client.client_id)
@@ -180,14 +208,14 @@ def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
     return ClientResult(client.client_id, metrics, outputs)
 
 
-def run_train(content: RecordDict) -> RecordDict:
+def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     """Train every client of a packed task; a client that raises is reported, the rest go on."""
     task = decode_task(content)
     config = validate_config(task.experiment)
-    res = resident_for(config)
+    res = host.resident(config, task)
     global_params = _tensors(task.global_arrays, res.device)
     broadcast = _tensors(task.broadcast, res.device)
-    store = ClientStateStore(task.run_dir)
+    store = host.state_store(task)
     result = WorkerResult()
     for index, client in enumerate(task.clients):
         try:
@@ -206,11 +234,11 @@ def run_train(content: RecordDict) -> RecordDict:
     return encode_result(result)
 
 
-def run_evaluate(content: RecordDict) -> RecordDict:
+def run_evaluate(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     """Evaluate the global model on each listed client's local test split."""
     task = decode_task(content)
     config = validate_config(task.experiment)
-    res = resident_for(config)
+    res = host.resident(config, task)
     res.load_global(_tensors(task.global_arrays, res.device))
     result = WorkerResult()
     for client in task.clients:
@@ -222,8 +250,7 @@ def run_evaluate(content: RecordDict) -> RecordDict:
             if data.z_test is not None:  # confusion counts per sensitive group, for fairness
                 reply.update(counts_to_metrics(group_confusion(
                     data.y_test.cpu().numpy(), predict(res.model, data.x_test).cpu().numpy(),
-                    data.z_test.cpu().numpy(), len(res.federation.dataset.sensitive_groups),
-                    res.federation.num_classes)))
+                    data.z_test.cpu().numpy(), res.num_groups, res.num_classes)))
         except Exception as exc:
             result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
             continue

@@ -1,12 +1,29 @@
-"""Per-client state that outlives a round (control variates, personal layers), keyed by client id."""
+"""Per-client state that outlives a round (control variates, personal layers), keyed by client id.
+
+In simulation it lives in files under the run directory (any worker process may train a client
+next round); on a deployed node, in the node's Flower `Context.state`, which persists between
+the node's messages.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
 
 Arrays = dict[str, np.ndarray]
+
+
+class StateStore(Protocol):
+    """Named arrays per client."""
+
+    def load(self, client_id: int, name: str) -> Arrays | None:
+        ...
+
+    def save(self, client_id: int, name: str, arrays: Arrays) -> None:
+        ...
 
 
 class ClientStateStore:
@@ -31,3 +48,24 @@ class ClientStateStore:
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(path)
+
+
+class RecordStateStore:
+    """Named arrays per client kept in a Flower RecordDict (a deployed node's `Context.state`)."""
+
+    def __init__(self, records: RecordDict) -> None:
+        self.records = records
+
+    @staticmethod
+    def _key(client_id: int, name: str) -> str:
+        return f"fedsim-state.{name}.{client_id}"
+
+    def load(self, client_id: int, name: str) -> Arrays | None:
+        key = self._key(client_id, name)
+        if key not in self.records:
+            return None
+        return {k: a.numpy() for k, a in self.records[key].items()}
+
+    def save(self, client_id: int, name: str, arrays: Arrays) -> None:
+        self.records[self._key(client_id, name)] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})

@@ -1,29 +1,42 @@
-"""The Flower app (composition root of the client side): the ClientApp every worker runs."""
+"""The Flower ClientApp (composition root of the client side) for simulation workers.
+
+`make_client_app` wires the message handlers to a host: in simulation every worker serves many
+virtual clients from the cached federation; a deployed node serves its own client
+(`fedsim.deploy.clientapp`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.runtime import run_evaluate, run_statistics, run_train
+from clients.runtime import SIMULATION, Host, run_evaluate, run_statistics, run_train
 
-client_app = ClientApp()
 STATISTICS_ACTION = "ggeur_statistics"  # messages of type query.ggeur_statistics
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the virtual clients packed into this message."""
-    return Message(content=run_train(msg.content), reply_to=msg)
+def make_client_app(host_for: Callable[[Context], Host]) -> ClientApp:
+    """A ClientApp whose handlers get data, model and client state from `host_for(context)`."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Train the clients packed into this message."""
+        return Message(content=run_train(msg.content, host_for(context)), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Evaluate the global model on the local test splits of the packed clients."""
+        return Message(content=run_evaluate(msg.content, host_for(context)), reply_to=msg)
+
+    @app.query(STATISTICS_ACTION)
+    def statistics(msg: Message, context: Context) -> Message:
+        """GGEUR's statistics phase: per-class sufficient statistics of the packed clients."""
+        return Message(content=run_statistics(msg.content, host_for(context)), reply_to=msg)
+
+    return app
 
 
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the local test splits of the packed clients."""
-    return Message(content=run_evaluate(msg.content), reply_to=msg)
-
-
-@client_app.query(STATISTICS_ACTION)
-def statistics(msg: Message, context: Context) -> Message:
-    """GGEUR's statistics phase: per-class sufficient statistics of the packed clients."""
-    return Message(content=run_statistics(msg.content), reply_to=msg)
+client_app = make_client_app(lambda context: SIMULATION)

@@ -174,10 +174,12 @@ class StrategySection(BaseModel):
     name: str = "fedavg"
     clients_per_round: int | None = Field(10, ge=1)
     fraction: float | None = Field(None, gt=0, le=1, description="overrides clients_per_round")
+    min_available_clients: int = Field(1, ge=1, description="deployed: stop the run when fewer "
+                                       "clients' nodes are online")
 
     @property
     def params(self) -> dict[str, Any]:
-        """The strategy-specific keys (everything but name and cohort size)."""
+        """The strategy-specific keys (everything but name, cohort size and availability)."""
         return dict(self.model_extra or {})
 
 
@@ -205,6 +207,15 @@ class OutputSection(Section):
     save_model: bool = True
 
 
+class DeploymentSection(Section):
+    """Settings that only matter when real SuperNodes run the clients (`fedsim deploy`)."""
+
+    central_test: str = Field("dataset", description="server-side test set: 'dataset' (the "
+                              "experiment dataset's test split), 'none', or a .npz/.csv file")
+    node_wait: float = Field(300.0, gt=0, description="seconds the server waits for "
+                             "data.num_clients SuperNodes to connect")
+
+
 class ExperimentConfig(Section):
     """The whole experiment: every section has defaults, so an empty file is a valid spec."""
 
@@ -218,6 +229,7 @@ class ExperimentConfig(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    deployment: DeploymentSection = Field(default_factory=DeploymentSection)
 
     def to_json_dict(self) -> dict[str, Any]:
         """A plain, JSON-able dict of every setting (paths as strings)."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -16,7 +18,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.data.stats import label_counts
 from fedsim.decomposition import LossDecomposer
-from fedsim.engine.server import CentralEvaluator, ProgressCallback, run_rounds
+from fedsim.engine.server import CentralEvaluator, ProgressCallback, RoundTransport, run_rounds
 from fedsim.engine.transports import GridTransport, InProcessTransport
 from fedsim.errors import ConfigError
 from fedsim.registry import build_strategy, check_config
@@ -48,9 +50,38 @@ def share_geometric_shapes(transport, strategy, num_clients: int, config: Experi
     writer.log(f"ggeur: statistics of {len(statistics)} clients, {size} bytes exchanged")
 
 
+Start = Callable[[object, Callable[[RoundTransport], None]], None]
+
+
+def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes: np.ndarray,
+            label_table: np.ndarray, start: Start, progress: ProgressCallback | None = None,
+            decomposer: LossDecomposer | None = None, where: str = "") -> RunSummary:
+    """Record the federation, build the strategy, and run every round through the transport
+    that `start(strategy, loop)` hands to `loop`; shared by simulation and deployment."""
+    run_dir = default_run_dir(config)
+    writer = RunWriter(run_dir, config)
+    writer.save_federation(label_table, f"{config.data.dataset}, {config.data.partition.kind} partition")
+    param_names = [name for name, _ in evaluator.model.named_parameters()]
+    strategy = build_strategy(config, client_sizes, param_names, str(run_dir.resolve()))
+    started = time.perf_counter()
+    writer.log(f"start: {config.strategy.name} on {config.data.dataset}, "
+               f"{len(client_sizes)} clients, {where or 'backend ' + config.engine.backend}")
+
+    def loop(transport: RoundTransport) -> None:
+        if config.ggeur.enabled:
+            share_geometric_shapes(transport, strategy, len(client_sizes), config, writer)
+        run_rounds(config, transport, strategy, evaluator, writer, progress, decomposer)
+
+    start(strategy, loop)
+    seconds = time.perf_counter() - started
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    writer.finish(rounds, seconds)
+    return RunSummary(run_dir, rounds, seconds)
+
+
 def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None = None,
                    verbose: bool = False) -> RunSummary:
-    """Run `config` on its backend and return the run directory and per-round metrics."""
+    """Run `config` on its simulation backend and return the run directory and per-round metrics."""
     check_config(config)
     if config.data.embedding == "warmup":
         config = with_warmup_encoder(config, default_run_dir(config), run_experiment)
@@ -60,35 +91,20 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
                           "set engine.gpus_per_worker = 0 or run on a machine with a GPU")
     federation = build_federation(config.data, config.experiment.seed)
     evaluator = CentralEvaluator.build(config, federation)
-    run_dir = default_run_dir(config)
-    writer = RunWriter(run_dir, config)
-    writer.save_federation(label_counts(federation),
-                           f"{config.data.dataset}, {config.data.partition.kind} partition")
-    param_names = [name for name, _ in evaluator.model.named_parameters()]
-    strategy = build_strategy(config, federation.train_sizes, param_names, str(run_dir.resolve()))
-    started = time.perf_counter()
-    writer.log(f"start: {config.strategy.name} on {config.data.dataset}, "
-               f"{federation.num_clients} clients, backend {config.engine.backend}")
-
     decomposer = None
     if config.evaluation.decomposition:
         decomposer = LossDecomposer(copy.deepcopy(evaluator.model), federation,
                                     config.evaluation.decomposition_clients, config.experiment.seed)
 
-    def loop(transport) -> None:
-        if config.ggeur.enabled:
-            share_geometric_shapes(transport, strategy, federation.num_clients, config, writer)
-        run_rounds(config, transport, strategy, evaluator, writer, progress, decomposer)
+    def start(strategy, loop) -> None:
+        if config.engine.backend == "inprocess":
+            loop(InProcessTransport(strategy, config.engine.workers, run_train, run_evaluate,
+                                    {STATISTICS_ACTION: run_statistics}))
+        else:
+            from fedsim.engine.ray_backend import run_on_ray
 
-    if config.engine.backend == "inprocess":
-        loop(InProcessTransport(strategy, config.engine.workers, run_train, run_evaluate,
-                                {STATISTICS_ACTION: run_statistics}))
-    else:
-        from fedsim.engine.ray_backend import run_on_ray
+            run_on_ray(config, lambda grid: loop(GridTransport(strategy, grid, config.engine.timeout)),
+                       verbose)
 
-        run_on_ray(config, lambda grid: loop(GridTransport(strategy, grid, config.engine.timeout)),
-                   verbose)
-    seconds = time.perf_counter() - started
-    rounds = pd.read_parquet(run_dir / "rounds.parquet")
-    writer.finish(rounds, seconds)
-    return RunSummary(run_dir, rounds, seconds)
+    return execute(config, evaluator, federation.train_sizes, label_counts(federation), start,
+                   progress, decomposer)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from fedsim.config import ExperimentConfig
 from fedsim.engine.aggregation import add_sums, add_weighted, mean_from_sum
 from fedsim.engine.packing import pack_balanced
+from fedsim.errors import FedsimError
 from fedsim.engine.protocol import (
     Arrays,
     ClientResult,
@@ -91,6 +92,9 @@ class FedsimStrategy(FlowerStrategy):
         self.last_system = RoundSystem(participants=[])
         self.simulated_clock = 0.0
         self.shared: Arrays = {}  # arrays every training message carries (e.g. GGEUR's shapes)
+        self.placement: dict[int, int] | None = None  # deployment: client id -> its node id
+        self.available: list[int] | None = None  # deployment: clients whose node is online
+        self.data_info: dict[str, Any] = {}  # deployment: what nodes need to build the model
         self._pending: dict[int, list[int]] = {}
 
     # ---- what subclasses customise -------------------------------------------------------
@@ -130,10 +134,18 @@ class FedsimStrategy(FlowerStrategy):
         k = round(s.fraction * self.num_clients) if s.fraction else s.clients_per_round
         return max(1, min(int(k or self.num_clients), self.num_clients))
 
+    def _population(self) -> np.ndarray:
+        """The clients that can be sampled: all of them, or (deployed) those online."""
+        if self.available is None:
+            return np.arange(self.num_clients)
+        return np.asarray(self.available, dtype=np.int64)
+
     def sample_cohort(self, server_round: int) -> list[int]:
         """This round's clients: a sample without replacement from its own seeded stream."""
         rng = np.random.default_rng(derive_seed(self.seed, server_round, SAMPLE_STREAM))
-        return sorted(int(c) for c in rng.choice(self.num_clients, self.cohort_size(), replace=False))
+        population = self._population()
+        size = min(self.cohort_size(), len(population))
+        return sorted(int(c) for c in rng.choice(population, size, replace=False))
 
     def train_cohort(self, server_round: int) -> list[int]:
         """The sampled clients that take part once dropout and the deadline have struck."""
@@ -142,29 +154,33 @@ class FedsimStrategy(FlowerStrategy):
 
     def evaluation_cohort(self, server_round: int) -> list[int]:
         fraction = self.config.evaluation.client_fraction
-        k = int(round(fraction * self.num_clients))
+        population = self._population()
+        k = min(int(round(fraction * self.num_clients)), len(population))
         if k == 0:
             return []
         rng = np.random.default_rng(derive_seed(self.seed, server_round, EVAL_STREAM))
-        return sorted(int(c) for c in rng.choice(self.num_clients, k, replace=False))
+        return sorted(int(c) for c in rng.choice(population, k, replace=False))
 
     def plan(self, server_round: int, arrays: Arrays, cohort: list[int], num_workers: int,
              train: bool) -> list[Task]:
-        """One task per worker (empty workers get none), clients packed by sample count."""
+        """One task per worker (empty workers get none), clients packed by sample count; when
+        deployed, one task per client (each node holds one client)."""
         if train:
             self.current = arrays
         common = self.client_config(server_round) if train else {}
         broadcast = {**self.broadcast(server_round), **self.shared} if train else {}
         reduce = None if (self.replies_per_client or not train) else dict(self.outputs)
         tasks = []
-        for group in pack_balanced(cohort, self.client_sizes, num_workers):
+        groups = ([[cid] for cid in cohort] if self.placement is not None
+                  else pack_balanced(cohort, self.client_sizes, num_workers))
+        for group in groups:
             if not group:
                 continue
             clients = [ClientTask(cid, self._client_config(common, cid, train),
                                   self.client_arrays(server_round, cid) if train else {})
                        for cid in group]
             tasks.append(Task(server_round, self.config.to_json_dict(), arrays, clients,
-                              broadcast, reduce, self.run_dir))
+                              broadcast, reduce, self.run_dir, self.data_info))
         return tasks
 
     def _client_config(self, common: dict[str, Any], client_id: int, train: bool) -> dict[str, Any]:
@@ -237,9 +253,24 @@ class FedsimStrategy(FlowerStrategy):
         return metrics
 
     # ---- Flower's message-API Strategy ---------------------------------------------------
+    def update_availability(self, grid: Grid) -> None:
+        """Deployed: note which clients' nodes are online, and stop the run when fewer than
+        `strategy.min_available_clients` are."""
+        if self.placement is None:
+            return
+        online = set(grid.get_node_ids())
+        self.available = sorted(c for c, node in self.placement.items() if node in online)
+        needed = self.config.strategy.min_available_clients
+        if len(self.available) < needed:
+            raise FedsimError(f"only {len(self.available)} clients' nodes are online, fewer than "
+                              f"strategy.min_available_clients = {needed}: stopping the run")
+
     def _messages(self, tasks: list[Task], grid: Grid, message_type: str,
                   server_round: int) -> list[Message]:
-        nodes = sorted(grid.get_node_ids())
+        if self.placement is not None:
+            nodes = [self.placement[task.clients[0].client_id] for task in tasks]
+        else:
+            nodes = sorted(grid.get_node_ids())
         self._pending = {}
         messages = []
         for node, task in zip(nodes, tasks, strict=False):
@@ -249,18 +280,22 @@ class FedsimStrategy(FlowerStrategy):
         return messages
 
     def _replies(self, replies: Iterable[Message]) -> list[Reply]:
-        out = []
+        """Replies as (client ids, content, error); a message without a reply fails its clients."""
+        out, waiting = [], dict(self._pending)
         for reply in replies:
-            ids = self._pending.get(reply.metadata.src_node_id, [])
+            ids = waiting.pop(reply.metadata.src_node_id, [])
             if reply.has_error():
                 out.append((ids, None, f"worker error: {reply.error.reason}"))
             else:
                 out.append((ids, reply.content, ""))
+        for ids in waiting.values():
+            out.append((ids, None, "no reply within engine.timeout"))
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         current = from_record(arrays)
+        self.update_availability(grid)
         num_workers = len(list(grid.get_node_ids()))
         tasks = self.plan(server_round, current, self.train_cohort(server_round),
                           num_workers, train=True)
@@ -274,6 +309,7 @@ class FedsimStrategy(FlowerStrategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         current = from_record(arrays)
+        self.update_availability(grid)
         tasks = self.plan(server_round, current, self.evaluation_cohort(server_round),
                           len(list(grid.get_node_ids())), train=False)
         return self._messages(tasks, grid, MessageType.EVALUATE, server_round)

@@ -41,6 +41,7 @@ class Task:
     broadcast: Arrays = field(default_factory=dict)
     reduce: dict[str, str] | None = None  # output -> weighting; None: reply per client
     run_dir: str = ""
+    data_info: dict[str, Any] = field(default_factory=dict)  # deployment: input_shape, classes
 
 
 @dataclass
@@ -83,6 +84,7 @@ def encode_task(task: Task) -> RecordDict:
         "client_configs": json.dumps([c.config for c in task.clients]),
         "reduce": json.dumps(task.reduce),
         "run_dir": task.run_dir,
+        "data_info": json.dumps(task.data_info),
     })
     for client in task.clients:
         if client.arrays:
@@ -107,6 +109,7 @@ def decode_task(content: RecordDict) -> Task:
         broadcast=from_record(content["broadcast"]),
         reduce=json.loads(meta["reduce"]),
         run_dir=str(meta["run_dir"]),
+        data_info=json.loads(meta["data_info"]),
     )
 
 
