@@ -133,6 +133,45 @@ def compare(
         raise typer.Exit(code=1)
 
 
+deploy_app = typer.Typer(help="Run an experiment on real clients (Flower SuperLink and SuperNodes).",
+                         no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("local")
+def deploy_local(
+    experiment: Annotated[Path, typer.Argument(help="experiment spec (TOML)")],
+    nodes: Annotated[int | None, typer.Option(
+        help="SuperNodes to start, one client each (default: data.num_clients)")] = None,
+    set_: Annotated[list[str], typer.Option(
+        "--set", help="override a key: --set experiment.rounds=5")] = [],  # noqa: B006
+    data_files: Annotated[str | None, typer.Option(
+        help="each node's data file, with {id} for its client id (e.g. 'data/client-{id}.npz'); "
+             "default: each node builds its partition of the experiment's dataset")] = None,
+    timeout: Annotated[float, typer.Option(help="stop the run after this many seconds (0: never)")] = 0.0,
+) -> None:
+    """Deploy an experiment on this machine: a SuperLink and N SuperNodes on 127.0.0.1 with TLS
+    and node authentication, each node one client; writes the same run directory as `run`."""
+    import pandas as pd
+
+    from fedsim.config import load_config
+    from fedsim.deploy.local import run_local
+
+    with user_errors():
+        rounds = load_config(experiment, set_).experiment.rounds
+        columns = [TextColumn("round {task.completed}/{task.total}"), BarColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("rounds", total=rounds, status="starting SuperLink and SuperNodes...")
+
+            def progress(rnd: int, row: dict) -> None:
+                bar.update(task, completed=rnd, status=round_status(row))
+
+            run_dir = run_local(experiment, set_, nodes, data_files, progress, timeout)
+    console.print(_summary_table(pd.read_parquet(run_dir / "rounds.parquet")))
+    console.print(f"run directory: {run_dir}  (deployment logs: {run_dir / 'deployment' / 'logs'})")
+
+
 @app.command()
 def report(
     paths: Annotated[list[Path], typer.Argument(help="comparison folders or run directories")],

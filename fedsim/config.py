@@ -27,6 +27,9 @@ class ExperimentSection(Section):
     rounds: int = Field(30, ge=1)
 
 
+SENSITIVE_KINDS = ("sensitive", "heterogeneity", "synergy")  # partitions over sensitive groups
+
+
 class PartitionSection(Section):
     """How the training set is split over clients (label, quantity and sensitive-attribute skew)."""
 

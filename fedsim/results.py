@@ -72,10 +72,13 @@ class RunWriter:
         np.savez(self.run_dir / "model.npz", **arrays)
 
     def finish(self, rounds: pd.DataFrame, seconds: float) -> None:
-        """Mark the run complete: `summary.json` with the final and best test accuracy."""
-        accuracy = rounds["test_accuracy"].dropna()
+        """Mark the run complete: `summary.json` with the final and best test accuracy (the
+        clients' local accuracy when the server has no test set)."""
+        column = "test_accuracy" if "test_accuracy" in rounds else "client_eval_accuracy"
+        accuracy = rounds[column].dropna() if column in rounds else pd.Series(dtype=float)
         summary = {"rounds": int(rounds["round"].max()), "seconds": seconds,
-                   "final_accuracy": float(accuracy.iloc[-1]), "best_accuracy": float(accuracy.max())}
+                   "final_accuracy": float(accuracy.iloc[-1]) if len(accuracy) else None,
+                   "best_accuracy": float(accuracy.max()) if len(accuracy) else None}
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         self.log(f"done in {seconds:.1f} s")
 

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict
 from fedsim.config import ExperimentConfig
 from fedsim.engine.aggregation import add_sums, add_weighted, mean_from_sum
 from fedsim.engine.packing import pack_balanced
-from fedsim.errors import FedsimError
 from fedsim.engine.protocol import (
     Arrays,
     ClientResult,
@@ -32,6 +31,7 @@ from fedsim.engine.protocol import (
     from_record,
     to_record,
 )
+from fedsim.errors import FedsimError
 from fedsim.fairness.groups import counts_from_metrics, fairness_metrics
 from fedsim.seeding import derive_seed
 from fedsim.system import RoundSystem, SystemModel
@@ -96,6 +96,7 @@ class FedsimStrategy(FlowerStrategy):
         self.available: list[int] | None = None  # deployment: clients whose node is online
         self.data_info: dict[str, Any] = {}  # deployment: what nodes need to build the model
         self._pending: dict[int, list[int]] = {}
+        self._sent: list[Message] = []
 
     # ---- what subclasses customise -------------------------------------------------------
     def client_config(self, server_round: int) -> dict[str, Any]:
@@ -277,13 +278,18 @@ class FedsimStrategy(FlowerStrategy):
             self._pending[node] = [c.client_id for c in task.clients]
             messages.append(Message(content=encode_task(task), dst_node_id=node,
                                     message_type=message_type, group_id=str(server_round)))
+        self._sent = messages  # the grid gives each its message id when pushing it
         return messages
 
     def _replies(self, replies: Iterable[Message]) -> list[Reply]:
-        """Replies as (client ids, content, error); a message without a reply fails its clients."""
+        """Replies as (client ids, content, error); a message without a reply fails its clients.
+        Errors the SuperLink writes itself (e.g. node unavailable) come from the SuperLink, so a
+        reply is matched to its node through the message it answers."""
         out, waiting = [], dict(self._pending)
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         for reply in replies:
-            ids = waiting.pop(reply.metadata.src_node_id, [])
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            ids = waiting.pop(node, [])
             if reply.has_error():
                 out.append((ids, None, f"worker error: {reply.error.reason}"))
             else:

@@ -11,13 +11,7 @@ from scipy.optimize import linprog
 from clients.objectives import ParityPenalty
 from fedsim.config import load_config
 from fedsim.engine.protocol import ClientResult
-from fedsim.fairness import (
-    aglfop,
-    aglfop_frontier,
-    aglfop_predictor,
-    mutual_information,
-    pid_decomposition,
-)
+from fedsim.fairness.aglfop import aglfop, aglfop_frontier, aglfop_predictor
 from fedsim.fairness.groups import (
     counts_from_metrics,
     counts_to_metrics,
@@ -25,6 +19,7 @@ from fedsim.fairness.groups import (
     group_confusion,
     parity_gaps,
 )
+from fedsim.fairness.pid import mutual_information, pid_decomposition
 from fedsim.runner import run_experiment
 from strategies.base import RoundResult
 from strategies.fairfed import FairFed

@@ -11,7 +11,6 @@ from fedsim.config import DataSection
 from fedsim.data.arrays import ArrayDataset, stratified_split_indices
 from fedsim.data.embedding import embed
 from fedsim.data.features import apply_feature_skew
-from fedsim.data.partition import partition_labels
 from fedsim.data.sources import load_source
 from fedsim.data.synthetic import SyntheticClients
 from fedsim.errors import DataError
@@ -106,6 +105,8 @@ def _build(spec: DataSection, seed: int) -> Federation:
                             "set data.features.kind = 'none'")
         clients = SyntheticClients(spec.synthetic, spec.num_clients, seed)
         return NaturalFederation(clients, spec.client_test_fraction, spec.synthetic.eval_clients)
+    from fedsim.data.partition import partition_labels  # flwr-datasets is slow to import; only
+    #                                                     building a federation needs it
     dataset = load_source(spec, seed)
     if spec.train_subset is not None and spec.train_subset < len(dataset.y_train):
         dataset = stratified_subset(dataset, spec.train_subset, seed)

@@ -20,10 +20,8 @@ from flwr_datasets.partitioner import (
     SizePartitioner,
 )
 
-from fedsim.config import PartitionSection
+from fedsim.config import SENSITIVE_KINDS, PartitionSection
 from fedsim.errors import DataError
-
-SENSITIVE_KINDS = ("sensitive", "heterogeneity", "synergy")
 
 
 def label_table(labels: np.ndarray, groups: np.ndarray | None = None) -> Dataset:

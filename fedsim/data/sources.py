@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import DataSection
+from fedsim.config import SENSITIVE_KINDS, DataSection
 from fedsim.data import fashion_mnist, tabular
 from fedsim.data.arrays import ArrayDataset, split_train_test
-from fedsim.data.partition import SENSITIVE_KINDS
 from fedsim.errors import ConfigError
 
 

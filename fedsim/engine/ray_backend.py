@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from collections.abc import Callable
 
@@ -15,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.config import ExperimentConfig
-from fedsim.errors import FedsimError
+from fedsim.engine.transports import wait_for_nodes
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -23,18 +22,6 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
 }
-
-
-def wait_for_nodes(grid: Grid, count: int, timeout: float = 120.0) -> list[int]:
-    """Block until `count` worker nodes have registered (they do so asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() > deadline:
-            raise FedsimError(f"only {len(nodes)} of {count} workers started within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 def backend_config(config: ExperimentConfig, verbose: bool) -> dict:
@@ -66,8 +53,6 @@ def run_on_ray(config: ExperimentConfig, loop: Callable[[Grid], None], verbose: 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if hasattr(grid, "pull_interval"):
-            grid.pull_interval = 0.01  # the in-memory grid polls every 0.1 s by default
         wait_for_nodes(grid, config.engine.workers)
         loop(grid)
 

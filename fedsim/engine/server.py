@@ -33,11 +33,12 @@ class RoundTransport(Protocol):
 
 @dataclass
 class CentralEvaluator:
-    """Evaluates global arrays on the held-out test set, in the server process."""
+    """Evaluates global arrays on the held-out test set, in the server process (a deployment
+    without a server-side test set has none: x is None and no metrics come out)."""
 
     model: torch.nn.Module
-    x: torch.Tensor
-    y: torch.Tensor
+    x: torch.Tensor | None
+    y: torch.Tensor | None
     z: np.ndarray | None = None  # sensitive group of each test example
     num_groups: int = 0
 
@@ -55,6 +56,8 @@ class CentralEvaluator:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
     def __call__(self, arrays: Arrays) -> dict[str, float]:
+        if self.x is None:
+            return {}
         self.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
         metrics = evaluate(self.model, self.x, self.y)
         row = {"test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]}

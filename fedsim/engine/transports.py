@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, RecordDict
@@ -15,19 +16,44 @@ from fedsim.engine.protocol import (
     from_record,
     to_record,
 )
+from fedsim.errors import FedsimError
 
 Handler = Callable[[RecordDict], RecordDict]
 
 
-class GridTransport:
-    """Sends the strategy's Flower messages through a Grid and hands the replies back to it."""
+def wait_for_nodes(grid: Grid, count: int, timeout: float = 120.0) -> list[int]:
+    """Block until `count` nodes have registered (they do so asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedsimError(f"only {len(nodes)} of {count} nodes connected within {timeout:.0f} s")
+        time.sleep(0.05)
 
-    def __init__(self, strategy, grid: Grid, timeout: float) -> None:
+
+class GridTransport:
+    """Sends the strategy's Flower messages through a Grid and hands the replies back to it.
+
+    Replies are pulled every `pull_interval` seconds (Flower's own send-and-receive waits 3 s
+    between pulls in deployment, longer than most rounds' work)."""
+
+    def __init__(self, strategy, grid: Grid, timeout: float, pull_interval: float = 0.01) -> None:
         self.strategy, self.grid, self.timeout = strategy, grid, timeout
+        self.pull_interval = pull_interval
 
     def _exchange(self, messages) -> tuple[list, int]:
         messages = list(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        waiting = set(self.grid.push_messages(messages))
+        replies = []
+        deadline = time.monotonic() + self.timeout
+        while waiting and time.monotonic() < deadline:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if waiting:
+                time.sleep(self.pull_interval)
         size = sum(content_bytes(m.content) for m in messages)
         size += sum(content_bytes(r.content) for r in replies if not r.has_error())
         return replies, size

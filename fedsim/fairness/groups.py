@@ -7,8 +7,6 @@ import re
 
 import numpy as np
 
-from fedsim.fairness.pid import pid_decomposition
-
 
 def group_confusion(y: np.ndarray, yhat: np.ndarray, z: np.ndarray, num_groups: int,
                     num_classes: int) -> np.ndarray:
@@ -68,5 +66,7 @@ def fairness_metrics(per_client: dict[int, np.ndarray]) -> dict[str, float]:
                                              if weight else float("nan"))
     joint = np.stack([c.sum(axis=1) for c in padded.values()])  # (S, Z, Yhat)
     if joint.sum() > 0:
+        from fedsim.fairness.pid import pid_decomposition  # cvxpy: slow to import, server only
+
         metrics.update({f"pid_{k}": v for k, v in pid_decomposition(joint).items()})
     return metrics

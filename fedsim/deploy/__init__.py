@@ -1,0 +1,1 @@
+"""Running an experiment on real clients: Flower's Deployment Engine (SuperLink, SuperNodes)."""

@@ -1,0 +1,219 @@
+"""Deployment: node data files, the roster, and real SuperLink/SuperNode processes on loopback
+with TLS and node authentication."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from cryptography import x509
+from flwr.app import RecordDict
+
+from clients.state import RecordStateStore
+from fedsim.config import load_config
+from fedsim.deploy.credentials import make_node_key, make_tls
+from fedsim.deploy.local import LocalDeployment, free_port, node_configs, read_rounds, run_local
+from fedsim.deploy.node_data import load_node_data, read_data_file
+from fedsim.deploy.serverapp import config_from_run_config
+from fedsim.errors import ConfigError, DataError
+from fedsim.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "experiments" / "quickstart.toml"
+
+
+def small_config(tmp_path: Path, *extra: str):
+    return load_config(QUICKSTART, ["data.num_clients=3", "experiment.rounds=3",
+                                    f"output.dir={tmp_path / 'runs'}", *extra])
+
+
+# ---- node data ---------------------------------------------------------------------------
+def test_npz_file_with_and_without_test_split(tmp_path):
+    config = small_config(tmp_path)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)).astype(np.float32), np.repeat([0, 1], 20)
+    np.savez(tmp_path / "full.npz", x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    data = read_data_file(tmp_path / "full.npz", config, client_id=0)
+    assert np.array_equal(data.x_test, x[30:]) and data.y_train.dtype == np.int64
+    np.savez(tmp_path / "train.npz", x_train=x, y_train=y)
+    held = read_data_file(tmp_path / "train.npz", config, client_id=0)
+    fraction = config.data.client_test_fraction
+    assert len(held.y_test) == 2 * round(20 * fraction) and len(held.y_train) + len(held.y_test) == 40
+    again = read_data_file(tmp_path / "train.npz", config, client_id=0)
+    assert np.array_equal(held.y_test, again.y_test)  # the held-out split is reproducible
+
+
+def test_csv_file_columns(tmp_path):
+    config = small_config(tmp_path)
+    frame = pd.DataFrame({"f1": [0.5, 1.0, 2.0, 3.0], "f2": [1, 2, 3, 4], "label": [0, 1, 0, 1],
+                          "split": ["train", "train", "train", "test"], "group": [0, 1, 1, 0]})
+    frame.to_csv(tmp_path / "c.csv", index=False)
+    data = read_data_file(tmp_path / "c.csv", config, client_id=1)
+    assert data.x_train.shape == (3, 2) and data.x_test.tolist() == [[3.0, 4.0]]
+    assert data.z_train.tolist() == [0, 1, 1] and data.y_test.tolist() == [1]
+    frame.assign(f2=["a", "b", "c", "d"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"must be numeric.*\['f2'\]"):
+        read_data_file(tmp_path / "bad.csv", config, client_id=1)
+
+
+def test_node_config_errors_name_the_fix(tmp_path):
+    config = small_config(tmp_path)
+    with pytest.raises(DataError, match="names no client"):
+        load_node_data({}, config)
+    with pytest.raises(DataError, match="does not exist"):
+        load_node_data({"client-id": 0, "data-file": str(tmp_path / "missing.npz")}, config)
+    with pytest.raises(DataError, match="unknown format"):
+        (tmp_path / "x.txt").write_text("1")
+        load_node_data({"client-id": 0, "data-file": str(tmp_path / "x.txt")}, config)
+    with pytest.raises(DataError, match="out of range"):
+        load_node_data({"partition-id": 7, "cache-dir": str(tmp_path)}, config)
+
+
+def test_partition_node_holds_the_simulated_client(tmp_path):
+    from fedsim.data.federation import build_federation
+
+    config = small_config(tmp_path)
+    node = load_node_data({"partition-id": 2, "cache-dir": str(tmp_path / "cache")}, config)
+    expected = build_federation(config.data, config.experiment.seed).client_data(2)
+    assert node.client_id == 2
+    assert np.array_equal(node.data.x_train, expected.x_train)
+    assert np.array_equal(node.data.y_test, expected.y_test)
+    with pytest.raises(DataError, match="holds client 2's data, not client 1's"):
+        node.client_data(1)
+
+
+def test_record_state_store_round_trip():
+    store = RecordStateStore(RecordDict())
+    assert store.load(3, "scaffold") is None
+    store.save(3, "scaffold", {"w": np.arange(4.0)})
+    assert np.array_equal(store.load(3, "scaffold")["w"], np.arange(4.0))
+    assert store.load(4, "scaffold") is None
+
+
+def test_run_config_resolves_bundled_experiment_and_overrides():
+    config = config_from_run_config({"experiment": "experiments/quickstart.toml",
+                                     "overrides": "experiment.rounds=2 'experiment.name=a b'"})
+    assert config.experiment.rounds == 2 and config.experiment.name == "a b"
+    with pytest.raises(ConfigError, match="not a file"):
+        config_from_run_config({"experiment": "experiments/nope.toml"})
+
+
+def test_simulation_only_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="simulation-only"):
+        run_local(QUICKSTART, ["evaluation.decomposition=true", f"output.dir={tmp_path}"])
+
+
+def test_tls_certificate_covers_loopback(tmp_path):
+    files = make_tls(tmp_path, ["127.0.0.1", "localhost"])
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    _, public = make_node_key(tmp_path, "n0")
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+# ---- real processes on loopback ------------------------------------------------------------
+def final_model(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "model.npz") as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
+@pytest.mark.slow
+def test_deploy_local_matches_simulation(tmp_path):
+    """Three SuperNodes with TLS and node authentication run SCAFFOLD (client state in
+    Context.state); the run directory and the global model equal the simulation's."""
+    extra = ["strategy.name=scaffold", "strategy.clients_per_round=2"]
+    run_dir = run_local(QUICKSTART, [f"output.dir={tmp_path / 'deployed'}", "experiment.rounds=3",
+                                     *extra], num_nodes=3, timeout=600)
+    for name in ("config.json", "rounds.parquet", "clients.parquet", "federation.parquet",
+                 "summary.json", "model.npz", "log.txt"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "deployment" / "keys").exists()  # throwaway private keys are deleted
+    superlink_log = (run_dir / "deployment" / "logs" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in superlink_log  # TLS was on
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    assert rounds["round"].tolist() == [0, 1, 2, 3] and (rounds["num_failures"].dropna() == 0).all()
+
+    simulated = run_experiment(small_config(tmp_path, *extra, "engine.backend=inprocess",
+                                            f"output.dir={tmp_path / 'simulated'}"))
+    deployed_model, simulated_model = final_model(run_dir), final_model(simulated.run_dir)
+    for key, value in simulated_model.items():
+        np.testing.assert_allclose(deployed_model[key], value, atol=1e-5, rtol=0)
+    for column in ("test_accuracy", "test_loss", "train_loss", "client_eval_accuracy"):
+        np.testing.assert_allclose(rounds[column], simulated.rounds[column], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dead_supernode_is_reported_and_the_run_goes_on(tmp_path):
+    config_file = tmp_path / "exp.toml"
+    config_file.write_text(QUICKSTART.read_text())
+    run_dir = tmp_path / "run"
+    overrides = ["data.num_clients=3", "experiment.rounds=4", "strategy.clients_per_round=3",
+                 "engine.timeout=20", f"output.run_dir={run_dir}"]
+    killed = []
+
+    def kill_after_first_round() -> None:
+        rounds = read_rounds(run_dir)
+        if not killed and rounds is not None and rounds["round"].max() >= 1:
+            os.killpg(deployment.nodes[2].process.pid, signal.SIGKILL)  # the machine dies
+            killed.append(time.monotonic())
+
+    workspace = tmp_path / "deployment"
+    with LocalDeployment(workspace, node_configs(3, workspace, None)) as deployment:
+        deployment.submit(config_file, overrides, kill_after_first_round, timeout=600)
+    assert killed
+    rounds = pd.read_parquet(run_dir / "rounds.parquet").set_index("round")
+    assert rounds.index.max() == 4 and (run_dir / "summary.json").exists()
+    clients = pd.read_parquet(run_dir / "clients.parquet")
+    errors = clients[clients["client_id"] == 2]["error"].dropna()
+    assert len(errors) >= 1  # the dead node's client was reported as failed
+    assert rounds.loc[4, "num_clients"] == 2  # the others went on
+    assert rounds.loc[1, "num_clients"] == 3
+    assert np.isfinite(rounds.loc[4, "test_accuracy"])
+
+
+@pytest.mark.slow
+def test_unregistered_node_is_refused(tmp_path):
+    with LocalDeployment(tmp_path / "ws", []) as deployment:
+        stranger, _ = make_node_key(tmp_path / "other", "stranger")  # never registered
+        node = deployment.start_node("stranger", stranger, "client-id=0",
+                                     tmp_path / "ws" / "tls" / "ca.crt")
+        assert node.process.wait(timeout=60) != 0
+    log = node.log.read_text()
+    assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
+
+
+@pytest.mark.slow
+def test_unreachable_superlink_fails_fast_with_a_clear_error(tmp_path):
+    nowhere = LocalDeployment(tmp_path, [], link_port=free_port(), node_patience=5)
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    key, _ = make_node_key(tmp_path / "keys", "n0")
+    try:
+        node = nowhere.start_node("n0", key, "client-id=0", tls.ca_cert)
+        code = node.process.wait(timeout=60)
+    finally:
+        nowhere.stop()
+    assert code != 0
+    log = node.log.read_text()
+    assert "could not establish a connection to the SuperLink" in log and "Connection refused" in log
+
+
+def test_flower_app_components_are_declared(tmp_path):
+    import tomllib
+
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedsim.deploy.serverapp:app",
+                                 "clientapp": "fedsim.deploy.clientapp:app"}
+    assert (ROOT / app["config"]["experiment"]).is_file()
+    built = subprocess.run(["flwr", "build", "--app", str(ROOT)], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(tmp_path)})
+    assert built.returncode == 0, built.stdout + built.stderr
+    with zipfile.ZipFile(next(tmp_path.glob("*.fab"))) as fab:  # the experiments travel with it
+        assert "experiments/quickstart.toml" in fab.namelist()
