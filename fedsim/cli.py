@@ -167,7 +167,12 @@ def deploy_local(
             def progress(rnd: int, row: dict) -> None:
                 bar.update(task, completed=rnd, status=round_status(row))
 
-            run_dir = run_local(experiment, set_, nodes, data_files, progress, timeout)
+            try:
+                run_dir = run_local(experiment, set_, nodes, data_files, progress, timeout)
+            except KeyboardInterrupt:
+                console.print("interrupted: stopped the SuperLink and SuperNodes; finished rounds "
+                              "are kept in the run directory")
+                raise typer.Exit(code=130) from None
     console.print(_summary_table(pd.read_parquet(run_dir / "rounds.parquet")))
     console.print(f"run directory: {run_dir}  (deployment logs: {run_dir / 'deployment' / 'logs'})")
 

@@ -167,7 +167,8 @@ def test_dead_supernode_is_reported_and_the_run_goes_on(tmp_path):
 
     workspace = tmp_path / "deployment"
     with LocalDeployment(workspace, node_configs(3, workspace, None)) as deployment:
-        deployment.submit(config_file, overrides, kill_after_first_round, timeout=600)
+        deployment.submit(config_file, overrides, kill_after_first_round, timeout=600,
+                          app_dir=ROOT)  # `flwr run <source tree>`: fedsim travels in the bundle
     assert killed
     rounds = pd.read_parquet(run_dir / "rounds.parquet").set_index("round")
     assert rounds.index.max() == 3 and (run_dir / "summary.json").exists()
@@ -177,6 +178,46 @@ def test_dead_supernode_is_reported_and_the_run_goes_on(tmp_path):
     assert rounds.loc[1, "num_clients"] == 3
     assert (rounds.loc[2:, "num_clients"] == 2).all()  # the others went on
     assert np.isfinite(rounds.loc[3, "test_accuracy"])
+
+
+def live_processes() -> dict[int, tuple[int, str]]:
+    """pid -> (process group, command line) of every live (non-zombie) process."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+            if fields[0] != "Z":
+                found[int(proc.name)] = (int(fields[2]), (proc / "cmdline").read_bytes().decode(
+                    errors="replace").replace("\0", " "))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_interrupted_deploy_stops_every_process_it_started(tmp_path, stop):
+    run_dir = tmp_path / "run"
+    cli = subprocess.Popen([executable("fedsim"), "deploy", "local", str(QUICKSTART), "--nodes", "2",
+                            "--set", f"output.run_dir={run_dir}"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not (run_dir / "deployment" / "logs" / "run.log").exists():
+        assert time.monotonic() < deadline and cli.poll() is None
+        time.sleep(0.2)
+    time.sleep(3)  # the run has started: the SuperLink has spawned its ServerApp process
+    started = {pid: info for pid, info in live_processes().items()
+               if str(run_dir / "deployment") in info[1]}
+    assert len(started) >= 4  # SuperLink, 2 SuperNodes, flwr run (each leads its own group)
+    groups = {group for group, _ in started.values()}
+    assert len([p for p, (g, _) in live_processes().items() if g in groups]) > len(started)
+    cli.send_signal(stop)
+    assert cli.wait(timeout=60) != 0
+    time.sleep(1)
+    assert [info for info in live_processes().values() if info[0] in groups] == []
+    assert not (run_dir / "deployment" / "keys").exists()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ Flower app. Every process started here is stopped again, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import psutil
 
 from fedsim.config import load_config
 from fedsim.deploy.credentials import TlsFiles, make_node_key, make_tls
@@ -88,28 +90,34 @@ def tail(path: Path, lines: int = 15) -> str:
 
 @dataclass
 class Started:
-    """A process started here (in its own process group), with its log file."""
+    """A process started here in its own process group, with its log file."""
 
     name: str
     process: subprocess.Popen
     log: Path
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM its whole process group, then SIGKILL what is left after `grace` seconds."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
-        else:  # the leader is gone; children in its group may not be
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        """Terminate it, its process group and every descendant (Flower's SuperExec starts the
+        ServerApp and ClientApps in groups of their own); kill what is left after `grace` s."""
+        try:
+            leader = psutil.Process(self.process.pid)
+            family = [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        self._signal_group(signal.SIGTERM)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.terminate()
+        _, alive = psutil.wait_procs(family, timeout=grace)
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        self._signal_group(signal.SIGKILL)  # whatever else is left in its group
+        self.process.wait()
+
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
 
 
 @dataclass
@@ -197,12 +205,14 @@ class LocalDeployment:
             "--max-wait-time", str(self.node_patience)])
 
     def submit(self, experiment: Path, overrides: list[str], progress: Callable[[], None],
-               timeout: float) -> Started:
-        """`flwr run` the experiment as an app; call `progress()` about twice a second until the
-        run ends. Raises when the SuperLink or a node process exits early, or on timeout."""
-        app_dir = self.workspace / "app"
-        app_dir.mkdir(exist_ok=True)
-        (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+               timeout: float, app_dir: Path | None = None) -> Started:
+        """`flwr run` the experiment as an app (by default a minimal app that uses the installed
+        fedsim; or `app_dir`, e.g. the source tree); call `progress()` about twice a second until
+        the run ends. Raises when the SuperLink or every node exits early, or on timeout."""
+        if app_dir is None:
+            app_dir = self.workspace / "app"
+            app_dir.mkdir(exist_ok=True)
+            (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
         run_config = self.workspace / "run-config.toml"
         run_config.write_text(f"experiment = {json.dumps(str(experiment.resolve()))}\n"
                               f"overrides = {json.dumps(shlex.join(overrides))}\n")
@@ -234,6 +244,10 @@ def read_rounds(run_dir: Path) -> pd.DataFrame | None:
         return pd.read_parquet(run_dir / "rounds.parquet")
     except (FileNotFoundError, OSError, ValueError):
         return None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def node_configs(num_nodes: int, workspace: Path, data_files: str | None) -> list[str]:
@@ -276,11 +290,13 @@ def run_local(experiment: Path, overrides: list[str], num_nodes: int | None = No
             progress(int(row["round"]), row)
         seen = int(rounds["round"].max())
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a plain `kill` cleans up too
     try:
         with LocalDeployment(workspace, node_configs(num_nodes or config.data.num_clients,
                                                      workspace, data_files)) as deployment:
             run = deployment.submit(experiment, overrides, poll, timeout or float("inf"))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(workspace / "keys", ignore_errors=True)
         (workspace / "tls" / "server.key").unlink(missing_ok=True)
     if not (run_dir / SUMMARY_FILE).exists():
