@@ -1,7 +1,8 @@
 """Seconds per round of one FedAvg workload, three ways, side by side.
 
   raw     a plain sequential PyTorch FedAvg loop in one process (the faster of 1 and 2 threads)
-  fedsim  fedsim on Flower + Ray: W = 2 workers, many virtual clients per message
+  fedsim  fedsim on Flower + Ray: W = 2 workers, many virtual clients per message (logistic
+          regression clients train in lockstep; `fedsim 1by1` shows them trained one by one)
   flower  one Flower node per client with Flower's own FedAvg (how Flower is usually used)
 
 Workloads: `cnn` (Fashion-MNIST, 1000 clients x 60 examples, cohort 50, small CNN, batch 10,
@@ -180,10 +181,12 @@ def main() -> None:
     for name in args.workloads:
         spec = [*WORKLOADS[name], *COMMON, f"experiment.rounds={rounds}",
                 f"evaluation.every={rounds}", f"output.run_dir='{out_dir / name}'"]
-        results = {way: measure(way, spec) for way in ("raw1", "raw2", "fedsim", "flower")}
+        ways = {way: (way, spec) for way in ("raw1", "raw2", "fedsim", "flower")}
+        if "model.name=logreg" in WORKLOADS[name]:  # fedsim without lockstep training, for contrast
+            ways["fedsim 1by1"] = ("fedsim", [*spec, "engine.lockstep=false"])
+        results = {way: measure(mode, overrides) for way, (mode, overrides) in ways.items()}
         raw_way = min(("raw1", "raw2"), key=lambda w: results[w]["median"])
-        for way in ("raw1", "raw2", "fedsim", "flower"):
-            r = results[way]
+        for way, r in results.items():
             label = way + (" *" if way == raw_way else "")
             print(f"{name:11s} {label:12s} {r['median']:9.3f} {r['first']:7.2f} {r['peak_mb']:8.0f}")
         raw, fed, flower = (results[raw_way]["median"], results["fedsim"]["median"],
@@ -191,6 +194,10 @@ def main() -> None:
         summary[name] = {"fedsim_over_raw": round(fed / raw, 3),
                          "flower_per_client_over_fedsim": round(flower / fed, 3)}
         print(f"{name:11s} fedsim/raw = {fed / raw:.2f}   flower-per-client/fedsim = {flower / fed:.2f}")
+        if "fedsim 1by1" in results:
+            speedup = results["fedsim 1by1"]["median"] / fed
+            summary[name]["lockstep_speedup"] = round(speedup, 3)
+            print(f"{name:11s} fedsim one-by-one / fedsim lockstep = {speedup:.2f}")
     if not args.no_scale:
         scale = {}
         for population in (1_000, 100_000):

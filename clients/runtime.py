@@ -19,6 +19,7 @@ from flwr.app import RecordDict
 from torch import nn
 
 from clients.ggeur import augmented_training_set, class_statistics
+from clients.lockstep import lockstep_proximal_mu, train_in_lockstep
 from clients.objectives import ObjectiveContext, build_objectives
 from clients.state import ClientStateStore, StateStore
 from clients.training import LocalData, train_locally
@@ -208,22 +209,55 @@ def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
     return ClientResult(client.client_id, metrics, outputs)
 
 
+def _train_together(res: Resident, task: Task, config: ExperimentConfig,
+                    global_params: dict[str, torch.Tensor], mus: list[float]) -> list[ClientResult]:
+    """Every client of the task trained in lockstep (logistic regression, SGD, FedProx's mu)."""
+    (weight_name, _), (bias_name, _) = res.model.named_parameters()
+    trained = train_in_lockstep(
+        global_params[weight_name], global_params[bias_name],
+        [res.client_data(c.client_id) for c in task.clients],
+        [derive_seed(config.experiment.seed, task.round, c.client_id) for c in task.clients],
+        [float(c.config.get("lr", config.client.lr)) for c in task.clients],
+        [c.config.get("local_steps") for c in task.clients], config.client, mus)
+    return [ClientResult(c.client_id, metrics, {"model": {
+                weight_name: params["weight"].cpu().numpy(), bias_name: params["bias"].cpu().numpy()}})
+            for c, (params, metrics) in zip(task.clients, trained, strict=True)]
+
+
+def _train_each(res: Resident, task: Task, config: ExperimentConfig,
+                global_params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor],
+                store: StateStore, failures: dict[int, str]) -> list[ClientResult]:
+    """The task's clients trained one after another; one that raises is noted in `failures`."""
+    outcomes = []
+    for index, client in enumerate(task.clients):
+        try:
+            outcomes.append(_train_one(res, task, index, config, global_params, broadcast, store))
+        except Exception as exc:  # a failing client must not take the others down
+            failures[client.client_id] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    return outcomes
+
+
 def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
-    """Train every client of a packed task; a client that raises is reported, the rest go on."""
+    """Train every client of a packed task (in lockstep when the model and recipe allow); a
+    client that raises is reported, the rest go on."""
     task = decode_task(content)
     config = validate_config(task.experiment)
     res = host.resident(config, task)
     global_params = _tensors(task.global_arrays, res.device)
-    broadcast = _tensors(task.broadcast, res.device)
-    store = host.state_store(task)
     result = WorkerResult()
-    for index, client in enumerate(task.clients):
+    outcomes = None
+    mus = lockstep_proximal_mu(config, [c.config for c in task.clients], bool(task.broadcast))
+    if mus is not None:
         try:
-            outcome = _train_one(res, task, index, config, global_params, broadcast, store)
-        except Exception as exc:  # a failing client must not take the others down
-            result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
+            outcomes = _train_together(res, task, config, global_params, mus)
+        except Exception:  # e.g. one client's data: retry one by one to isolate the failure
             traceback.print_exc()
-            continue
+    if outcomes is None:
+        outcomes = _train_each(res, task, config, global_params,
+                               _tensors(task.broadcast, res.device), host.state_store(task),
+                               result.failures)
+    for outcome in outcomes:
         if task.reduce is not None:
             for name, weighting in task.reduce.items():
                 weight = outcome.metrics["num_examples"] if weighting == "examples" else 1.0

@@ -1,0 +1,90 @@
+"""Lockstep training of many logistic-regression clients equals training them one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clients.lockstep import batch_plan, lockstep_proximal_mu, train_in_lockstep
+from clients.objectives import ObjectiveContext, Proximal
+from clients.training import LocalData, train_locally
+from fedsim.config import ClientSection, load_config
+from fedsim.models import build_model
+from fedsim.runner import run_experiment
+
+
+def clients(sizes, dim=7, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        x = torch.as_tensor(rng.normal(size=(n, dim)), dtype=torch.float32)
+        y = torch.as_tensor(rng.integers(0, classes, n))
+        out.append(LocalData(x, y, x[:0], y[:0]))
+    return out
+
+
+@pytest.mark.parametrize("momentum,decay,mu", [(0.0, 0.0, 0.0), (0.9, 5e-4, 0.0), (0.5, 0.0, 0.3)])
+def test_lockstep_equals_one_by_one(momentum, decay, mu):
+    settings = ClientSection(batch_size=4, local_epochs=2, momentum=momentum, weight_decay=decay)
+    data = clients([9, 4, 13, 1, 6])  # partial last batches, a single-row client
+    model = build_model(load_config(None, ["model.name=logreg"]).model, (7,), 4, seed=3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seeds, lrs, steps = [11, 12, 13, 14, 15], [0.1, 0.05, 0.2, 0.1, 0.1], [None, 3, None, None, 1]
+    mus = [mu, 0.0, mu, mu, 2 * mu]
+    together = train_in_lockstep(start["1.weight"], start["1.bias"], data, seeds, lrs, steps,
+                                 settings, mus)
+    for i, local in enumerate(data):
+        model.load_state_dict(start)
+        terms = [Proximal(ObjectiveContext(i, start, {}, None), mus[i])] if mus[i] else []
+        metrics = train_locally(model, local, settings, terms, seeds[i], lrs[i], steps=steps[i])
+        params, lock_metrics = together[i]
+        torch.testing.assert_close(params["weight"], model.state_dict()["1.weight"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(params["bias"], model.state_dict()["1.bias"], atol=1e-6, rtol=0)
+        assert lock_metrics["steps"] == metrics["steps"]
+        assert lock_metrics["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-6)
+
+
+def test_batch_plan_covers_each_pass_once():
+    index, mask = batch_plan(n=10, steps=6, batch_size=4, seed=1)  # 3 batches per pass
+    for first in (0, 3):
+        rows = index[first:first + 3][mask[first:first + 3].bool()]
+        assert sorted(rows.tolist()) == list(range(10))
+    assert mask.sum(dim=1).tolist() == [4, 4, 2, 4, 4, 2]
+
+
+def test_only_plain_logistic_regression_tasks_qualify():
+    config = load_config(None, ["model.name=logreg"])
+    prox = {"objectives": {"proximal": {"mu": 0.1}}}
+    assert lockstep_proximal_mu(config, [{}, {"lr": 0.1}], broadcast=False) == [0.0, 0.0]
+    assert lockstep_proximal_mu(config, [{}, prox], broadcast=False) == [0.0, 0.1]
+    assert lockstep_proximal_mu(config, [{}], broadcast=False) is None  # one client: nothing to batch
+    assert lockstep_proximal_mu(config, [{}, {"objectives": {"margin": {}}}], False) is None
+    assert lockstep_proximal_mu(config, [{}, {"report_global": True}], False) is None
+    assert lockstep_proximal_mu(config, [{}, {}], broadcast=True) is None
+    assert lockstep_proximal_mu(load_config(None, ["model.name=mlp"]), [{}, {}], False) is None
+    assert lockstep_proximal_mu(load_config(None, ["model.name=logreg", "engine.lockstep=false"]),
+                                [{}, {}], False) is None
+
+
+def test_simulation_with_and_without_lockstep_agree(tmp_path, monkeypatch):
+    import clients.runtime
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return train_in_lockstep(*args, **kwargs)
+
+    monkeypatch.setattr(clients.runtime, "train_in_lockstep", counted)
+    base = ["data.dataset=synthetic", "data.partition.kind=natural", "data.num_clients=30",
+            "model.name=logreg", "strategy.clients_per_round=10", "experiment.rounds=3",
+            "engine.backend=inprocess", "engine.workers=1", "client.momentum=0.5",
+            "strategy.name=fedprox", "strategy.mu=0.1",
+            f"output.dir={tmp_path}"]
+    runs = [run_experiment(load_config(None, [*base, f"engine.lockstep={on}"])) for on in ("true", "false")]
+    assert calls == [10, 10, 10]  # every round's clients trained together, once
+    with np.load(runs[0].run_dir / "model.npz") as a, np.load(runs[1].run_dir / "model.npz") as b:
+        for key in a.files:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+    np.testing.assert_allclose(runs[0].rounds["test_accuracy"], runs[1].rounds["test_accuracy"], atol=1e-6)
