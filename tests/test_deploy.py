@@ -20,7 +20,7 @@ from clients.state import RecordStateStore
 from fedsim.config import load_config
 from fedsim.deploy.credentials import make_node_key, make_tls
 from fedsim.deploy.local import LocalDeployment, executable, free_port, node_configs, read_rounds, run_local
-from fedsim.deploy.node_data import load_node_data, read_data_file
+from fedsim.deploy.node_data import NodeData, load_node_data, read_data_file
 from fedsim.deploy.serverapp import config_from_run_config
 from fedsim.errors import ConfigError, DataError
 from fedsim.runner import run_experiment
@@ -58,6 +58,8 @@ def test_csv_file_columns(tmp_path):
     data = read_data_file(tmp_path / "c.csv", config, client_id=1)
     assert data.x_train.shape == (3, 2) and data.x_test.tolist() == [[3.0, 4.0]]
     assert data.z_train.tolist() == [0, 1, 1] and data.y_test.tolist() == [1]
+    images = NodeData(1, data).shaped((1, 2, 1))  # flat rows as the model's input shape
+    assert images.data.x_train.shape == (3, 1, 2, 1) and images.data.x_test[0, 0, 1, 0] == 4.0
     frame.assign(f2=["a", "b", "c", "d"]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"must be numeric.*\['f2'\]"):
         read_data_file(tmp_path / "bad.csv", config, client_id=1)
@@ -165,8 +167,17 @@ def test_dead_supernode_is_reported_and_the_run_goes_on(tmp_path):
             os.killpg(deployment.nodes[2].process.pid, signal.SIGKILL)  # the machine dies
             killed.append(time.monotonic())
 
+    config = small_config(tmp_path)
+    for client in range(3):  # the nodes read their data from CSV files
+        node = load_node_data({"partition-id": client, "cache-dir": str(tmp_path / "cache")}, config)
+        parts = [(node.data.x_train, node.data.y_train, "train"),
+                 (node.data.x_test, node.data.y_test, "test")]
+        frame = pd.concat([pd.DataFrame(x.reshape(len(y), -1)).add_prefix("f")
+                           .assign(label=y, split=split) for x, y, split in parts])
+        frame.to_csv(tmp_path / f"client-{client}.csv", index=False)
     workspace = tmp_path / "deployment"
-    with LocalDeployment(workspace, node_configs(3, workspace, None)) as deployment:
+    files = str(tmp_path / "client-{id}.csv")
+    with LocalDeployment(workspace, node_configs(3, workspace, files)) as deployment:
         deployment.submit(config_file, overrides, kill_after_first_round, timeout=600,
                           app_dir=ROOT)  # `flwr run <source tree>`: fedsim travels in the bundle
     assert killed

@@ -33,7 +33,8 @@ class NodeHost:
         device = worker_device(config)
         model = build_model(config.model, tuple(info["input_shape"]), int(info["num_classes"]),
                             config.experiment.seed).to(device)
-        return Resident(self.node(config), model, device, None, int(info["num_classes"]),
+        node = self.node(config).shaped(tuple(info["input_shape"]))
+        return Resident(node, model, device, None, int(info["num_classes"]),
                         int(info["num_groups"]))
 
     def state_store(self, task: Task) -> StateStore:

@@ -127,7 +127,8 @@ class LocalDeployment:
 
     workspace: Path
     node_configs: list[str]  # one `--node-config` string per SuperNode
-    processes: list[Started] = field(default_factory=list)
+    processes: list[Started] = field(default_factory=list)  # everything started, oldest first
+    superlink: Started | None = None
     nodes: list[Started] = field(default_factory=list)
     link_port: int = 0
     node_patience: float = 60.0  # seconds a SuperNode keeps trying to reach its SuperLink
@@ -160,11 +161,13 @@ class LocalDeployment:
         self.stop()
 
     def start(self, timeout: float = 60.0) -> None:
+        """Certificates, the SuperLink (waiting up to `timeout` s for its port), then each node:
+        a new key registered with the SuperLink, and the SuperNode using it."""
         self.workspace.mkdir(parents=True, exist_ok=True)
         tls = make_tls(self.workspace / "tls", [HOST, "localhost"])
         self.link_port = free_port()
         self._write_connection(tls)
-        link = self._start("superlink", [
+        link = self.superlink = self._start("superlink", [
             executable("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert),
             "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
@@ -221,8 +224,8 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         while run.process.poll() is None:
             progress()
-            if self.processes[0].process.poll() is not None:
-                raise FedsimError(f"the SuperLink stopped during the run:\n{tail(self.processes[0].log)}")
+            if self.superlink is not None and self.superlink.process.poll() is not None:
+                raise FedsimError(f"the SuperLink stopped during the run:\n{tail(self.superlink.log)}")
             if self.nodes and all(node.process.poll() is not None for node in self.nodes):
                 raise FedsimError(f"every SuperNode stopped; {self.nodes[0].name}'s log ends with:\n"
                                   f"{tail(self.nodes[0].log)}")

@@ -18,7 +18,7 @@ numbered 0..N-1.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,13 @@ class NodeData:
 
     client_id: int
     data: ClientData
+
+    def shaped(self, input_shape: tuple[int, ...]) -> NodeData:
+        """The same data with every example reshaped to `input_shape` (e.g. a CSV file's flat
+        rows as the 1x8x8 images the experiment's model expects)."""
+        data = self.data
+        x_train, x_test = (x.reshape(len(x), *input_shape) for x in (data.x_train, data.x_test))
+        return NodeData(self.client_id, replace(data, x_train=x_train, x_test=x_test))
 
     def client_data(self, client_id: int) -> ClientData:
         if client_id != self.client_id:

@@ -7,6 +7,8 @@ goes to its client's node, and the central test set is whatever the server holds
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from flwr.app import Message
@@ -54,21 +56,25 @@ def collect_roster(grid: Grid, config: ExperimentConfig) -> Roster:
     return Roster.from_replies(replies, expected)
 
 
-def central_evaluator(config: ExperimentConfig, roster: Roster) -> tuple[CentralEvaluator, int]:
-    """The server's test set, as `deployment.central_test` says, and the number of classes."""
+def central_evaluator(config: ExperimentConfig, roster: Roster
+                      ) -> tuple[CentralEvaluator, tuple[int, ...], int]:
+    """The server's test set, as `deployment.central_test` says, and the input shape and number
+    of classes the model is built for (the dataset's when it is the test set: nodes reshape
+    their examples to it, e.g. CSV rows to images)."""
     source = config.deployment.central_test
     if source == "dataset":
         federation = build_federation(config.data, config.experiment.seed)
-        if tuple(federation.input_shape) != roster.input_shape:
-            raise FedsimError(f"the nodes' inputs have shape {roster.input_shape} but the "
+        if math.prod(federation.input_shape) != math.prod(roster.input_shape):
+            raise FedsimError(f"the nodes' examples have shape {roster.input_shape} but the "
                               f"experiment's dataset has {tuple(federation.input_shape)}")
         if roster.num_classes > federation.num_classes:
             raise FedsimError(f"the nodes hold labels up to {roster.num_classes - 1} but the "
                               f"dataset has {federation.num_classes} classes")
-        return CentralEvaluator.build(config, federation), federation.num_classes
+        evaluator = CentralEvaluator.build(config, federation)
+        return evaluator, tuple(federation.input_shape), federation.num_classes
     model = build_model(config.model, roster.input_shape, roster.num_classes, config.experiment.seed)
     if source == "none":
-        return CentralEvaluator(model, None, None), roster.num_classes
+        return CentralEvaluator(model, None, None), roster.input_shape, roster.num_classes
     data = read_data_file(source, config, client_id=-1)
     x, y, z = ((data.x_test, data.y_test, data.z_test) if len(data.y_test)
                else (data.x_train, data.y_train, data.z_train))
@@ -77,7 +83,7 @@ def central_evaluator(config: ExperimentConfig, roster: Roster) -> tuple[Central
                           f"the nodes' only up to {roster.num_classes - 1}")
     evaluator = CentralEvaluator(model, torch.as_tensor(x), torch.as_tensor(y), z,
                                  roster.num_groups if z is not None else 0)
-    return evaluator, roster.num_classes
+    return evaluator, roster.input_shape, roster.num_classes
 
 
 def run_deployment(config: ExperimentConfig, grid: Grid,
@@ -86,8 +92,8 @@ def run_deployment(config: ExperimentConfig, grid: Grid,
     check_config(config)
     check_deployable(config)
     roster = collect_roster(grid, config)
-    evaluator, num_classes = central_evaluator(config, roster)
-    data_info = {"input_shape": list(roster.input_shape), "num_classes": num_classes,
+    evaluator, input_shape, num_classes = central_evaluator(config, roster)
+    data_info = {"input_shape": list(input_shape), "num_classes": num_classes,
                  "num_groups": max(roster.num_groups, evaluator.num_groups)}
 
     def start(strategy, loop) -> None:
