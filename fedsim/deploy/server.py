@@ -19,11 +19,13 @@ from fedsim.data.federation import build_federation
 from fedsim.deploy.node_data import read_data_file
 from fedsim.deploy.roster import ROSTER_ACTION, Roster, roster_request
 from fedsim.engine.server import CentralEvaluator, ProgressCallback
-from fedsim.engine.transports import GridTransport, wait_for_nodes
+from fedsim.engine.transports import GridTransport, send_and_receive, wait_for_nodes
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.models import build_model
 from fedsim.registry import check_config
 from fedsim.runner import RunSummary, execute
+
+PULL_INTERVAL = 0.1  # seconds between the server's pulls of replies from the SuperLink
 
 
 def check_deployable(config: ExperimentConfig) -> None:
@@ -49,7 +51,7 @@ def collect_roster(grid: Grid, config: ExperimentConfig) -> Roster:
                           f"{expected}; set data.num_clients to the number of nodes")
     messages = [Message(content=roster_request(config), dst_node_id=node,
                         message_type=f"query.{ROSTER_ACTION}") for node in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=config.engine.timeout))
+    replies = send_and_receive(grid, messages, config.engine.timeout, PULL_INTERVAL)
     if len(replies) < len(nodes):
         raise FedsimError(f"only {len(replies)} of {len(nodes)} SuperNodes described their data "
                           f"within engine.timeout = {config.engine.timeout:.0f} s")
@@ -98,7 +100,7 @@ def run_deployment(config: ExperimentConfig, grid: Grid,
 
     def start(strategy, loop) -> None:
         strategy.placement, strategy.data_info = roster.node_of, data_info
-        loop(GridTransport(strategy, grid, config.engine.timeout, pull_interval=0.1))
+        loop(GridTransport(strategy, grid, config.engine.timeout, PULL_INTERVAL))
 
     counts = np.pad(roster.label_counts, ((0, 0), (0, num_classes - roster.num_classes)))
     return execute(config, evaluator, roster.sizes, counts, start, progress,

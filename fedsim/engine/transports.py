@@ -33,11 +33,24 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 120.0) -> list[int]:
         time.sleep(0.05)
 
 
-class GridTransport:
-    """Sends the strategy's Flower messages through a Grid and hands the replies back to it.
+def send_and_receive(grid: Grid, messages: list, timeout: float, pull_interval: float) -> list:
+    """Push `messages` and pull their replies every `pull_interval` seconds until all are in or
+    `timeout` passes (Flower's own send-and-receive waits 3 s between pulls in deployment,
+    longer than most rounds' work); returns the replies that came."""
+    waiting = set(grid.push_messages(messages))
+    replies = []
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        pulled = list(grid.pull_messages(waiting))
+        replies.extend(pulled)
+        waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if waiting:
+            time.sleep(pull_interval)
+    return replies
 
-    Replies are pulled every `pull_interval` seconds (Flower's own send-and-receive waits 3 s
-    between pulls in deployment, longer than most rounds' work)."""
+
+class GridTransport:
+    """Sends the strategy's Flower messages through a Grid and hands the replies back to it."""
 
     def __init__(self, strategy, grid: Grid, timeout: float, pull_interval: float = 0.01) -> None:
         self.strategy, self.grid, self.timeout = strategy, grid, timeout
@@ -45,15 +58,7 @@ class GridTransport:
 
     def _exchange(self, messages) -> tuple[list, int]:
         messages = list(messages)
-        waiting = set(self.grid.push_messages(messages))
-        replies = []
-        deadline = time.monotonic() + self.timeout
-        while waiting and time.monotonic() < deadline:
-            pulled = list(self.grid.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
-            if waiting:
-                time.sleep(self.pull_interval)
+        replies = send_and_receive(self.grid, messages, self.timeout, self.pull_interval)
         size = sum(content_bytes(m.content) for m in messages)
         size += sum(content_bytes(r.content) for r in replies if not r.has_error())
         return replies, size
