@@ -77,8 +77,8 @@ class RunWriter:
         column = "test_accuracy" if "test_accuracy" in rounds else "client_eval_accuracy"
         accuracy = rounds[column].dropna() if column in rounds else pd.Series(dtype=float)
         summary = {"rounds": int(rounds["round"].max()), "seconds": seconds,
-                   "final_accuracy": float(accuracy.iloc[-1]) if len(accuracy) else None,
-                   "best_accuracy": float(accuracy.max()) if len(accuracy) else None}
+                   "final_accuracy": float(accuracy.iloc[-1]) if len(accuracy) else float("nan"),
+                   "best_accuracy": float(accuracy.max()) if len(accuracy) else float("nan")}
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         self.log(f"done in {seconds:.1f} s")
 

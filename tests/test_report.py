@@ -124,3 +124,21 @@ def test_a_grid_over_seeds_only_is_one_level_and_missing_cells_are_fine(comparis
     table = pd.read_csv(out.with_suffix(".csv"))
     assert len(table) == 2 and table["level"].isna().all()  # one level, however configs differ
     assert out.read_text().count("<svg") == 4
+
+
+def test_report_of_a_run_without_a_central_test_set(tmp_path):
+    """A deployment with `central_test = "none"` records only the clients' local accuracy."""
+    from fedsim.config import load_config
+    from fedsim.results import RunWriter
+
+    config = load_config(None, ["experiment.rounds=2", "engine.backend=inprocess",
+                                f"output.dir={tmp_path}", "model.name=logreg"])
+    run = run_experiment(config)
+    rounds = run.rounds.drop(columns=[c for c in run.rounds if c.startswith("test_")])
+    rounds.to_parquet(run.run_dir / "rounds.parquet")
+    RunWriter(run.run_dir, config).finish(rounds, run.seconds)
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["final_accuracy"] == pytest.approx(rounds["client_eval_accuracy"].iloc[-1])
+    table = pd.read_csv(build_report([run.run_dir], tmp_path / "r.html").with_suffix(".csv"))
+    assert table["rounds to target mean"].isna().all()
+    assert table["client acc. mean mean"].notna().all()
