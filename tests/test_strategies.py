@@ -11,6 +11,7 @@ from clients.state import ClientStateStore
 from fedsim.config import load_config
 from fedsim.engine.packing import pack_balanced
 from fedsim.engine.protocol import ClientResult, WorkerResult, encode_result
+from fedsim.errors import FedsimError
 from fedsim.registry import build_strategy
 from strategies.base import RoundResult
 
@@ -137,3 +138,46 @@ def test_cohorts_are_seeded_per_round():
     assert a.sample_cohort(3) == b.sample_cohort(3)
     assert a.sample_cohort(3) != a.sample_cohort(4)
     assert len(a.sample_cohort(3)) == 10 and len(set(a.sample_cohort(3))) == 10
+
+
+class FakeGrid:
+    """The part of a Flower Grid the strategy asks: which nodes are online."""
+
+    def __init__(self, online):
+        self.online = online
+
+    def get_node_ids(self):
+        return list(self.online)
+
+
+def test_deployed_sampling_skips_offline_nodes_and_stops_below_the_minimum():
+    strategy = make("fedavg", "strategy.clients_per_round=3", "strategy.min_available_clients=2")
+    strategy.placement = {0: 100, 1: 101, 2: 102, 3: 103}
+    strategy.update_availability(FakeGrid([100, 101, 102, 103]))
+    assert strategy.sample_cohort(5) == make("fedavg", "strategy.clients_per_round=3").sample_cohort(5)
+    strategy.update_availability(FakeGrid([101, 103]))
+    assert strategy.available == [1, 3] and strategy.sample_cohort(5) == [1, 3]
+    with pytest.raises(FedsimError, match="min_available_clients = 2"):
+        strategy.update_availability(FakeGrid([103]))
+
+
+def test_superlink_error_replies_fail_the_clients_of_the_message_they_answer(monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", 1)):  # as inside a run
+        monkeypatch.setattr(TaskIdentity, name, value)
+    strategy = make("fedavg")
+    strategy.placement = {0: 100, 1: 101}
+    tasks = strategy.plan(1, {"w": np.zeros(2, np.float32)}, [0, 1], 2, train=True)
+    messages = strategy._messages(tasks, FakeGrid([100, 101]), "train", 1)
+    for number, message in enumerate(messages):  # what the grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"m{number}"
+    assert [m.metadata.dst_node_id for m in messages] == [100, 101]
+    unavailable = SimpleNamespace(  # written by the SuperLink itself (node id 1) for node 101
+        metadata=SimpleNamespace(reply_to_message_id="m1", src_node_id=1),
+        has_error=lambda: True, error=SimpleNamespace(reason="node unavailable"))
+    replies = strategy._replies([unavailable])
+    assert ([1], None, "worker error: node unavailable") in replies
+    assert ([0], None, "no reply within engine.timeout") in replies
