@@ -1,9 +1,9 @@
-"""Many logistic-regression clients trained together, in lockstep.
+"""Many small clients (logistic regression, MLPs) trained together, in lockstep.
 
 For small models one SGD step costs less than the Python and PyTorch overhead around it. Here a
-worker steps all its clients at once: client i's weights are slice i of a (clients, classes,
-features) tensor, step t gathers every active client's t-th batch, and batched matrix products
-compute all losses and (closed-form) gradients together. Each client sees exactly the batches
+worker steps all its clients at once: client i's weights are slice i of (clients, out, in)
+tensors, step t gathers every active client's t-th batch, and batched matrix products compute
+all losses and (hand-derived) gradients together. Each client sees exactly the batches
 `train_locally` would draw (the same seeded reshuffles, partial last batches included) and the
 same SGD update (momentum, weight decay), so the result equals training the clients one after
 another up to float rounding. Clients with fewer steps drop out of the active set as they finish.
@@ -21,16 +21,17 @@ from clients.training import LocalData
 from fedsim.config import ClientSection, ExperimentConfig
 from fedsim.system import planned_steps
 
+LOCKSTEP_MODELS = ("logreg", "mlp")  # Linear layers with ReLU between them
 PLAIN_KEYS = {"lr", "local_steps", "objectives"}  # client config keys lockstep training honours
 
 
 def lockstep_proximal_mu(config: ExperimentConfig, client_configs: list[dict],
                          broadcast: bool) -> list[float] | None:
     """Each client's FedProx mu (0 without the term) when the task's clients can train in
-    lockstep, else None. Lockstep needs logistic regression, plain SGD, no local objective but
+    lockstep, else None. Lockstep needs logistic regression or an MLP, plain SGD, no local objective but
     FedProx's proximal term, no broadcast arrays (SCAFFOLD's, GGEUR's), per-client settings
     limited to lr, local steps and objectives, and more than one client."""
-    if not (config.engine.lockstep and config.model.name == "logreg"
+    if not (config.engine.lockstep and config.model.name in LOCKSTEP_MODELS
             and config.client.optimizer == "sgd" and not broadcast and len(client_configs) > 1
             and all(set(c) <= PLAIN_KEYS for c in client_configs)):
         return None
@@ -61,17 +62,46 @@ def batch_plan(n: int, steps: int, batch_size: int, seed: int) -> tuple[torch.Te
     return index, mask
 
 
-def train_in_lockstep(weight: torch.Tensor, bias: torch.Tensor, data: list[LocalData],
-                      seeds: list[int], lrs: list[float], steps: list[int | None],
-                      settings: ClientSection, mus: list[float] | None = None,
-                      ) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
-    """Train one softmax-regression client per entry of `data`, all from (weight, bias), each
-    with FedProx's proximal term (mu / 2) ||params - start||^2 when its mu is not 0.
+def _loss_and_gradients(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        share: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-client mean cross-entropy of a stack of Linear layers with ReLU between them, and its
+    gradients (backpropagated by hand, batched over the leading client dimension)."""
+    layers = len(params) // 2
+    inputs, pre_activations = [x], []
+    for layer in range(layers):
+        weight, bias = params[2 * layer], params[2 * layer + 1]
+        z = torch.baddbmm(bias.unsqueeze(1), inputs[-1], weight.transpose(1, 2))
+        if layer < layers - 1:
+            pre_activations.append(z)
+            inputs.append(F.relu(z))
+    log_p = F.log_softmax(z, dim=-1)
+    loss = -(log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * share).sum(dim=1)
+    upstream = (log_p.exp() - F.one_hot(y, log_p.shape[-1]).to(log_p.dtype)) * share.unsqueeze(-1)
+    grads: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for layer in reversed(range(layers)):
+        grads[2 * layer] = torch.bmm(upstream.transpose(1, 2), inputs[layer])
+        grads[2 * layer + 1] = upstream.sum(dim=1)
+        if layer:  # ReLU passes gradient where its input was positive (as PyTorch's does)
+            upstream = torch.bmm(upstream, params[2 * layer]) * (pre_activations[layer - 1] > 0)
+    return loss, grads
 
-    Returns per client its final (weight, bias) and `train_locally`'s metrics; a client's
+
+def _per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-client scalar shaped to broadcast over a stacked parameter."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
+def train_in_lockstep(start: list[torch.Tensor], data: list[LocalData], seeds: list[int],
+                      lrs: list[float], steps: list[int | None], settings: ClientSection,
+                      mus: list[float] | None = None) -> list[tuple[list[torch.Tensor], dict[str, float]]]:
+    """Train one client per entry of `data`, all from the parameters `start` (weight, bias of
+    each Linear layer in order, ReLU between layers: logistic regression or an MLP), each with
+    FedProx's proximal term (mu / 2) ||params - start||^2 when its mu is not 0.
+
+    Returns per client its final parameters and `train_locally`'s metrics; a client's
     `train_seconds` is the worker's time shared out in proportion to its steps."""
     started = time.perf_counter()
-    device, count, batch = weight.device, len(data), settings.batch_size
+    device, count, batch = start[0].device, len(data), settings.batch_size
     sizes = [len(d.y_train) for d in data]
     steps = [planned_steps(n, settings) if s is None else int(s) for n, s in zip(sizes, steps, strict=True)]
     order = sorted(range(count), key=lambda i: -steps[i])  # active clients are always a prefix
@@ -88,40 +118,36 @@ def train_in_lockstep(weight: torch.Tensor, bias: torch.Tensor, data: list[Local
     index, mask = index.to(device), mask.to(device)
     active = [sum(1 for s in steps if s > t) for t in range(horizon)]
 
-    w = weight.detach().expand(count, *weight.shape).clone()
-    b = bias.detach().expand(count, *bias.shape).clone()
-    lr = torch.tensor([lrs[i] for i in order], device=device, dtype=w.dtype)
-    mu = torch.tensor([(mus or [0.0] * count)[i] for i in order], device=device, dtype=w.dtype)
+    params = [p.detach().expand(count, *p.shape).clone() for p in start]
+    lr = torch.tensor([lrs[i] for i in order], device=device, dtype=params[0].dtype)
+    mu = torch.tensor([(mus or [0.0] * count)[i] for i in order], device=device, dtype=params[0].dtype)
     proximal = bool(mu.any())
     momentum, decay = settings.momentum, settings.weight_decay
-    velocity_w = velocity_b = None
+    velocity: list[torch.Tensor] | None = None
     loss_sum = torch.zeros(count, device=device)
     for t in range(horizon):
         a = active[t]
         rows, valid = index[:a, t], mask[:a, t]
-        x, y = features[rows], labels[rows]  # (a, B, d), (a, B)
-        logits = torch.baddbmm(b[:a].unsqueeze(1), x, w[:a].transpose(1, 2))
-        log_p = F.log_softmax(logits, dim=-1)
         share = valid / valid.sum(dim=1, keepdim=True)  # each batch's loss is a mean over its rows
-        loss_sum[:a] -= (log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1) * share).sum(dim=1)
-        residual = (log_p.exp() - F.one_hot(y, log_p.shape[-1]).to(log_p.dtype)) * share.unsqueeze(-1)
-        grad_w, grad_b = torch.bmm(residual.transpose(1, 2), x), residual.sum(dim=1)
+        current = [p[:a] for p in params]
+        loss, grads = _loss_and_gradients(current, features[rows], labels[rows], share)
+        loss_sum[:a] += loss
         if proximal:
-            drift_w, drift_b = w[:a] - weight, b[:a] - bias
-            loss_sum[:a] += 0.5 * mu[:a] * (drift_w.square().sum(dim=(1, 2)) + drift_b.square().sum(dim=1))
-            grad_w = grad_w + mu[:a, None, None] * drift_w
-            grad_b = grad_b + mu[:a, None] * drift_b
+            for k, (p, anchor) in enumerate(zip(current, start, strict=True)):
+                drift = p - anchor
+                loss_sum[:a] += 0.5 * mu[:a] * drift.square().flatten(1).sum(dim=1)
+                grads[k] = grads[k] + _per_client(mu[:a], p) * drift
         if decay:
-            grad_w, grad_b = grad_w + decay * w[:a], grad_b + decay * b[:a]
+            grads = [g + decay * p for g, p in zip(grads, current, strict=True)]
         if momentum:
-            if velocity_w is None:
-                velocity_w, velocity_b = grad_w.clone(), grad_b.clone()
+            if velocity is None:
+                velocity = [g.clone() for g in grads]
             else:
-                velocity_w[:a].mul_(momentum).add_(grad_w)
-                velocity_b[:a].mul_(momentum).add_(grad_b)
-            grad_w, grad_b = velocity_w[:a], velocity_b[:a]
-        w[:a] -= lr[:a, None, None] * grad_w
-        b[:a] -= lr[:a, None] * grad_b
+                for v, g in zip(velocity, grads, strict=True):
+                    v[:a].mul_(momentum).add_(g)
+            grads = [v[:a] for v in velocity]
+        for p, g in zip(current, grads, strict=True):
+            p -= _per_client(lr[:a], p) * g
 
     seconds = time.perf_counter() - started
     total_steps = max(sum(steps), 1)
@@ -130,5 +156,5 @@ def train_in_lockstep(weight: torch.Tensor, bias: torch.Tensor, data: list[Local
     for slot, i in enumerate(order):
         metrics = {"train_loss": losses[slot] / max(steps[i], 1), "num_examples": float(sizes[i]),
                    "steps": float(steps[i]), "train_seconds": seconds * steps[i] / total_steps}
-        results[i] = ({"weight": w[slot], "bias": b[slot]}, metrics)
+        results[i] = ([p[slot] for p in params], metrics)
     return results

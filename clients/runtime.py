@@ -211,16 +211,16 @@ def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
 
 def _train_together(res: Resident, task: Task, config: ExperimentConfig,
                     global_params: dict[str, torch.Tensor], mus: list[float]) -> list[ClientResult]:
-    """Every client of the task trained in lockstep (logistic regression, SGD, FedProx's mu)."""
-    (weight_name, _), (bias_name, _) = res.model.named_parameters()
+    """Every client of the task trained in lockstep (Linear/ReLU models, SGD, FedProx's mu)."""
+    names = [name for name, _ in res.model.named_parameters()]  # weight, bias of each layer
     trained = train_in_lockstep(
-        global_params[weight_name], global_params[bias_name],
+        [global_params[name] for name in names],
         [res.client_data(c.client_id) for c in task.clients],
         [derive_seed(config.experiment.seed, task.round, c.client_id) for c in task.clients],
         [float(c.config.get("lr", config.client.lr)) for c in task.clients],
         [c.config.get("local_steps") for c in task.clients], config.client, mus)
-    return [ClientResult(c.client_id, metrics, {"model": {
-                weight_name: params["weight"].cpu().numpy(), bias_name: params["bias"].cpu().numpy()}})
+    return [ClientResult(c.client_id, metrics,
+                         {"model": {n: p.cpu().numpy() for n, p in zip(names, params, strict=True)}})
             for c, (params, metrics) in zip(task.clients, trained, strict=True)]
 
 

@@ -202,8 +202,8 @@ class EngineSection(Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     ray_address: str = ""
     timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
-    lockstep: bool = Field(True, description="train a worker's logistic-regression clients "
-                           "together with batched matrix products (same result, faster)")
+    lockstep: bool = Field(True, description="train a worker's logistic-regression or MLP "
+                           "clients together with batched matrix products (same result, faster)")
 
 
 class OutputSection(Section):

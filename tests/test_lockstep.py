@@ -1,4 +1,4 @@
-"""Lockstep training of many logistic-regression clients equals training them one by one."""
+"""Lockstep training of many small clients equals training them one by one."""
 
 from __future__ import annotations
 
@@ -24,23 +24,26 @@ def clients(sizes, dim=7, classes=4, seed=0):
     return out
 
 
-@pytest.mark.parametrize("momentum,decay,mu", [(0.0, 0.0, 0.0), (0.9, 5e-4, 0.0), (0.5, 0.0, 0.3)])
-def test_lockstep_equals_one_by_one(momentum, decay, mu):
+@pytest.mark.parametrize("model,momentum,decay,mu", [
+    ("logreg", 0.0, 0.0, 0.0), ("logreg", 0.9, 5e-4, 0.0), ("logreg", 0.5, 0.0, 0.3),
+    ("mlp", 0.0, 0.0, 0.0), ("mlp", 0.9, 5e-4, 0.2)])
+def test_lockstep_equals_one_by_one(model, momentum, decay, mu):
     settings = ClientSection(batch_size=4, local_epochs=2, momentum=momentum, weight_decay=decay)
     data = clients([9, 4, 13, 1, 6])  # partial last batches, a single-row client
-    model = build_model(load_config(None, ["model.name=logreg"]).model, (7,), 4, seed=3)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = load_config(None, [f"model.name={model}", "model.hidden=[8, 5]"]).model
+    net = build_model(spec, (7,), 4, seed=3)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    names = [name for name, _ in net.named_parameters()]
     seeds, lrs, steps = [11, 12, 13, 14, 15], [0.1, 0.05, 0.2, 0.1, 0.1], [None, 3, None, None, 1]
     mus = [mu, 0.0, mu, mu, 2 * mu]
-    together = train_in_lockstep(start["1.weight"], start["1.bias"], data, seeds, lrs, steps,
-                                 settings, mus)
+    together = train_in_lockstep([start[n] for n in names], data, seeds, lrs, steps, settings, mus)
     for i, local in enumerate(data):
-        model.load_state_dict(start)
+        net.load_state_dict(start)
         terms = [Proximal(ObjectiveContext(i, start, {}, None), mus[i])] if mus[i] else []
-        metrics = train_locally(model, local, settings, terms, seeds[i], lrs[i], steps=steps[i])
+        metrics = train_locally(net, local, settings, terms, seeds[i], lrs[i], steps=steps[i])
         params, lock_metrics = together[i]
-        torch.testing.assert_close(params["weight"], model.state_dict()["1.weight"], atol=1e-6, rtol=0)
-        torch.testing.assert_close(params["bias"], model.state_dict()["1.bias"], atol=1e-6, rtol=0)
+        for name, value in zip(names, params, strict=True):
+            torch.testing.assert_close(value, net.state_dict()[name], atol=2e-6, rtol=0)
         assert lock_metrics["steps"] == metrics["steps"]
         assert lock_metrics["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-6)
 
@@ -62,7 +65,8 @@ def test_only_plain_logistic_regression_tasks_qualify():
     assert lockstep_proximal_mu(config, [{}, {"objectives": {"margin": {}}}], False) is None
     assert lockstep_proximal_mu(config, [{}, {"report_global": True}], False) is None
     assert lockstep_proximal_mu(config, [{}, {}], broadcast=True) is None
-    assert lockstep_proximal_mu(load_config(None, ["model.name=mlp"]), [{}, {}], False) is None
+    assert lockstep_proximal_mu(load_config(None, ["model.name=mlp"]), [{}, {}], False) == [0, 0]
+    assert lockstep_proximal_mu(load_config(None, ["model.name=cnn"]), [{}, {}], False) is None
     assert lockstep_proximal_mu(load_config(None, ["model.name=logreg", "engine.lockstep=false"]),
                                 [{}, {}], False) is None
 
@@ -78,7 +82,7 @@ def test_simulation_with_and_without_lockstep_agree(tmp_path, monkeypatch):
 
     monkeypatch.setattr(clients.runtime, "train_in_lockstep", counted)
     base = ["data.dataset=synthetic", "data.partition.kind=natural", "data.num_clients=30",
-            "model.name=logreg", "strategy.clients_per_round=10", "experiment.rounds=3",
+            "model.name=mlp", "strategy.clients_per_round=10", "experiment.rounds=3",
             "engine.backend=inprocess", "engine.workers=1", "client.momentum=0.5",
             "strategy.name=fedprox", "strategy.mu=0.1",
             f"output.dir={tmp_path}"]
