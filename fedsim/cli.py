@@ -85,7 +85,7 @@ def run(
 
             summary = run_experiment(config, progress=progress, verbose=verbose)
     console.print(_summary_table(summary.rounds))
-    console.print(f"run directory: {summary.run_dir}  ({summary.seconds:.1f} s)")
+    console.print(f"run directory: {summary.run_dir}  ({summary.seconds:.1f} s)", soft_wrap=True)
 
 
 @app.command()
@@ -124,11 +124,13 @@ def compare(
         table = run_comparison(folder, cells, run_cell, announce)
     failed = int((table["status"] == "failed").sum())
     console.print(f"{len(table) - failed} of {len(table)} cells done"
-                  + (f", {failed} failed (see cells.csv)" if failed else "") + f"; results in {folder}")
+                  + (f", {failed} failed (see cells.csv)" if failed else "") + f"; results in {folder}",
+                  soft_wrap=True)
     if failed < len(table):
         from fedsim.report import build_report
 
-        console.print(f"report: {build_report([folder], folder / 'report.html', title=folder.name)}")
+        report_file = build_report([folder], folder / "report.html", title=folder.name)
+        console.print(f"report: {report_file}", soft_wrap=True)
     if failed:
         raise typer.Exit(code=1)
 
@@ -174,7 +176,8 @@ def deploy_local(
                               "are kept in the run directory")
                 raise typer.Exit(code=130) from None
     console.print(_summary_table(pd.read_parquet(run_dir / "rounds.parquet")))
-    console.print(f"run directory: {run_dir}  (deployment logs: {run_dir / 'deployment' / 'logs'})")
+    console.print(f"run directory: {run_dir}  (deployment logs: {run_dir / 'deployment' / 'logs'})",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -194,7 +197,7 @@ def report(
     except (FileNotFoundError, KeyError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    console.print(f"report: {written}  (table: {written.with_suffix('.csv')})")
+    console.print(f"report: {written}  (table: {written.with_suffix('.csv')})", soft_wrap=True)
 
 
 @app.command()
