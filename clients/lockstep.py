@@ -11,6 +11,7 @@ another up to float rounding. Clients with fewer steps drop out of the active se
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -48,18 +49,14 @@ def batch_plan(n: int, steps: int, batch_size: int, seed: int) -> tuple[torch.Te
     """Row indices (steps, batch_size) and validity mask of one client's batches, drawn as
     `train_locally` draws them (a fresh permutation per pass from a generator seeded `seed`)."""
     generator = torch.Generator().manual_seed(seed)
-    index = torch.zeros(steps, batch_size, dtype=torch.long)
-    mask = torch.zeros(steps, batch_size)
-    done = 0
-    while done < steps:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
-            index[done, :len(rows)], mask[done, :len(rows)] = rows, 1.0
-            done += 1
-            if done == steps:
-                break
-    return index, mask
+    per_pass = math.ceil(n / batch_size)
+    width = per_pass * batch_size  # a pass padded to whole batches; the padding is masked out
+    index = torch.zeros(math.ceil(steps / per_pass), width, dtype=torch.long)
+    for number in range(len(index)):
+        index[number, :n] = torch.randperm(n, generator=generator)
+    mask = (torch.arange(width) < n).float().expand(len(index), width)
+    return (index.view(-1, batch_size)[:steps],
+            mask.reshape(-1, batch_size)[:steps])
 
 
 def _loss_and_gradients(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
