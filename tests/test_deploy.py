@@ -158,7 +158,7 @@ def test_dead_supernode_is_reported_and_the_run_goes_on(tmp_path):
     config_file.write_text(QUICKSTART.read_text())
     run_dir = tmp_path / "run"
     overrides = ["data.num_clients=3", "experiment.rounds=3", "strategy.clients_per_round=3",
-                 "engine.timeout=20", f"output.run_dir={run_dir}"]
+                 "engine.timeout=30", f"output.run_dir={run_dir}"]
     killed = []
 
     def kill_after_first_round() -> None:
