@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                       "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    from fedsim.engine.ray_backend import QUIET_ENV
+
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     from fedsim.config import load_config
     from fedsim.deploy.local import run_local

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {
@@ -43,25 +44,18 @@ COMMON = ["client.local_epochs=1", "evaluation.client_fraction=0", "engine.worke
 
 
 def tree_rss_bytes(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    """Resident memory of a process and all its descendants."""
+    total = 0
+    try:
+        root = psutil.Process(root_pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for proc in family:
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            rss[int(entry)] = int(Path(f"/proc/{entry}/statm").read_text().split()[1]) * page
-        except (OSError, IndexError, ValueError):
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
             continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
     return total
 
 
@@ -155,8 +149,9 @@ def child(mode: str, overrides: list[str]) -> None:
 
 
 def measure(mode: str, overrides: list[str]) -> dict:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    from fedsim.engine.ray_backend import QUIET_ENV
+
+    env = {**os.environ, **QUIET_ENV}
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--", *overrides],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import RecordDict
+
+from fedsim.engine.protocol import from_record, to_record
 
 Arrays = dict[str, np.ndarray]
 
@@ -64,8 +66,7 @@ class RecordStateStore:
         key = self._key(client_id, name)
         if key not in self.records:
             return None
-        return {k: a.numpy() for k, a in self.records[key].items()}
+        return from_record(self.records[key])
 
     def save(self, client_id: int, name: str, arrays: Arrays) -> None:
-        self.records[self._key(client_id, name)] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        self.records[self._key(client_id, name)] = to_record(arrays)

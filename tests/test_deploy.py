@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from cryptography import x509
 from flwr.app import RecordDict
@@ -194,15 +195,11 @@ def test_dead_supernode_is_reported_and_the_run_goes_on(tmp_path):
 def live_processes() -> dict[int, tuple[int, str]]:
     """pid -> (process group, command line) of every live (non-zombie) process."""
     found = {}
-    for proc in Path("/proc").iterdir():
+    for proc in psutil.process_iter():
         try:
-            if not proc.name.isdigit():
-                continue
-            fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
-            if fields[0] != "Z":
-                found[int(proc.name)] = (int(fields[2]), (proc / "cmdline").read_bytes().decode(
-                    errors="replace").replace("\0", " "))
-        except OSError:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = (os.getpgid(proc.pid), " ".join(proc.cmdline()))
+        except (psutil.Error, ProcessLookupError):
             continue
     return found
 
