@@ -14,9 +14,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from clients.training import LocalData, train_locally
+from clients.training import train_locally
 from fedsim.config import validate_config
 from fedsim.data.federation import build_federation
+from fedsim.data.tensors import LocalData
 from fedsim.models import build_model
 
 app = ClientApp()

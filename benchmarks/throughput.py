@@ -81,16 +81,17 @@ def raw_loop(config, threads: int) -> list[float]:
     """Sequential FedAvg: every client trains the one model in turn; weighted mean per round."""
     import torch
 
-    from clients.training import LocalData, train_locally
+    from clients.training import train_locally
     from fedsim.data.federation import build_federation
+    from fedsim.data.tensors import LocalData
+    from fedsim.engine.cohort import CohortSampler
     from fedsim.models import build_model
     from fedsim.seeding import derive_seed
-    from strategies.fedavg import FedAvg
 
     torch.set_num_threads(threads)
     fed = build_federation(config.data, config.experiment.seed)
     model = build_model(config.model, fed.input_shape, fed.num_classes, config.experiment.seed)
-    sampler = FedAvg(config, fed.train_sizes, [], "")
+    sampler = CohortSampler(config, fed.train_sizes)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     times = []
     for rnd in range(1, config.experiment.rounds + 1):

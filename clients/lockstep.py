@@ -18,31 +18,31 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from clients.training import LocalData
 from fedsim.config import ClientSection, ExperimentConfig
+from fedsim.data.tensors import LocalData
+from fedsim.method import Component, LossTerm, TrainPlan, overrides
 from fedsim.system import planned_steps
+from fedsim.terms import Proximal
 
 LOCKSTEP_MODELS = ("logreg", "mlp")  # Linear layers with ReLU between them
-PLAIN_KEYS = {"lr", "local_steps", "objectives"}  # client config keys lockstep training honours
 
 
-def lockstep_proximal_mu(config: ExperimentConfig, client_configs: list[dict],
-                         broadcast: bool) -> list[float] | None:
-    """Each client's FedProx mu (0 without the term) when the task's clients can train in
-    lockstep, else None. Lockstep needs logistic regression or an MLP, plain SGD, no local objective but
-    FedProx's proximal term, no broadcast arrays (SCAFFOLD's, GGEUR's), per-client settings
-    limited to lr, local steps and objectives, and more than one client."""
-    if not (config.engine.lockstep and config.model.name in LOCKSTEP_MODELS
-            and config.client.optimizer == "sgd" and not broadcast and len(client_configs) > 1
-            and all(set(c) <= PLAIN_KEYS for c in client_configs)):
+def lockstep_proximal_mu(config: ExperimentConfig, components: list[Component],
+                         plans: list[TrainPlan], terms: list[list[LossTerm]]) -> list[float] | None:
+    """Each client's proximal weight mu (0 without the term) when the task's clients can train in
+    lockstep, else None. Lockstep needs logistic regression or an MLP, plain SGD, more than one
+    client, a method and add-ons whose client half is plain training plus loss terms (no data,
+    after-training or global-report hooks), plans that say no more than the local steps, and no
+    loss term but the proximal one (a client's proximal terms add up)."""
+    plain = all(not overrides(c, Component, hook) for c in components
+                for hook in ("training_data", "after_training"))
+    if not (config.engine.lockstep and config.model.name in LOCKSTEP_MODELS and plain
+            and config.client.optimizer == "sgd" and len(plans) > 1
+            and not any(getattr(c, "evaluates_global", False) for c in components)
+            and all(type(plan) is TrainPlan for plan in plans)
+            and all(type(term) is Proximal for client in terms for term in client)):
         return None
-    mus = []
-    for client in client_configs:
-        objectives = {**config.client.objectives, **client.get("objectives", {})}
-        if set(objectives) - {"proximal"}:
-            return None
-        mus.append(float(objectives.get("proximal", {}).get("mu", 0.0)))
-    return mus
+    return [sum(term.params.mu for term in client) for client in terms]
 
 
 def batch_plan(n: int, steps: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,36 +7,29 @@ place. A deployed node supplies its own client's data and state instead (a `Host
 
 from __future__ import annotations
 
-import hashlib
 import json
 import traceback
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from clients.ggeur import augmented_training_set, class_statistics
 from clients.lockstep import lockstep_proximal_mu, train_in_lockstep
-from clients.objectives import ObjectiveContext, build_objectives
-from clients.state import ClientStateStore, StateStore
-from clients.training import LocalData, train_locally
+from clients.state import ClientScope, ShippedStateStore, StateStore
+from clients.training import train_locally
 from fedsim.config import ExperimentConfig, validate_config
 from fedsim.data.federation import Federation, IndexedFederation, build_federation
+from fedsim.data.tensors import LocalData
 from fedsim.engine.aggregation import add_weighted
-from fedsim.engine.protocol import (
-    Arrays,
-    ClientResult,
-    Task,
-    WorkerResult,
-    decode_task,
-    encode_result,
-)
+from fedsim.engine.protocol import Task, WorkerResult, decode_task, encode_result
 from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import counts_to_metrics, group_confusion
+from fedsim.method import ClientContext, ClientResult, Component, Method
 from fedsim.models import build_model
+from fedsim.registry import build_add_ons, build_method, build_terms
 from fedsim.seeding import derive_seed
 
 
@@ -57,7 +50,10 @@ class Resident:
     base: tuple[torch.Tensor, torch.Tensor] | None  # all training arrays, for indexed data
     num_classes: int
     num_groups: int  # sensitive groups (0 when the data have none)
-    augmented: dict[tuple, LocalData] = field(default_factory=dict)  # GGEUR top-ups, per client
+    model_spec: Any = None  # how to build another model like `model` (a ModelSection)
+    input_shape: tuple[int, ...] = ()
+    seed: int = 0
+    cache: dict[Any, Any] = field(default_factory=dict)  # the client halves' per-process scratch
 
     def client_data(self, client_id: int) -> LocalData:
         fed = self.federation
@@ -70,6 +66,11 @@ class Resident:
             return LocalData(x[train], y[train], x[test], y[test], *groups)
         return LocalData.from_arrays(fed.client_data(client_id), self.device)
 
+    def new_model(self) -> nn.Module:
+        """Another model of the run's architecture (e.g. MOON's frozen copies)."""
+        return build_model(self.model_spec, self.input_shape, self.num_classes,
+                           self.seed).to(self.device)
+
     def load_global(self, arrays: dict[str, torch.Tensor]) -> None:
         """Copy the global weights into the resident model in place."""
         with torch.no_grad():
@@ -78,7 +79,6 @@ class Resident:
 
 
 _RESIDENT: dict[str, Resident] = {}
-GGEUR_STREAM = 0x6E0
 
 
 def resident_for(config: ExperimentConfig) -> Resident:
@@ -99,7 +99,8 @@ def resident_for(config: ExperimentConfig) -> Resident:
         dataset = getattr(fed, "dataset", None)
         groups = len(dataset.sensitive_groups) if dataset is not None else 0
         _RESIDENT.clear()
-        _RESIDENT[key] = Resident(fed, model, device, base, fed.num_classes, groups)
+        _RESIDENT[key] = Resident(fed, model, device, base, fed.num_classes, groups, config.model,
+                                  tuple(fed.input_shape), config.experiment.seed)
     return _RESIDENT[key]
 
 
@@ -114,13 +115,14 @@ class Host(Protocol):
 
 
 class SimulationHost:
-    """A simulation worker: the whole federation cached per process, state in the run directory."""
+    """A simulation worker: the whole federation cached per process; each client's state comes
+    with its task and goes back with its reply (the server keeps it)."""
 
     def resident(self, config: ExperimentConfig, task: Task) -> Resident:
         return resident_for(config)
 
     def state_store(self, task: Task) -> StateStore:
-        return ClientStateStore(task.run_dir)
+        return ShippedStateStore(task)
 
 
 SIMULATION = SimulationHost()
@@ -145,126 +147,150 @@ def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
     return report
 
 
-def ggeur_data(res: Resident, client_id: int, data: LocalData, shared: Arrays,
-               config: ExperimentConfig) -> LocalData:
-    """The client's training set topped up by GGEUR's geometric sampling (built once per set of
-    shapes and settings, then cached)."""
-    ggeur_keys = sorted(k for k in shared if k.startswith("ggeur."))
-    fingerprint = hashlib.sha1(b"".join(np.ascontiguousarray(shared[k]).tobytes() for k in ggeur_keys))
-    key = (client_id, fingerprint.hexdigest(), config.ggeur.scaling)
-    if key not in res.augmented:
-        rng = np.random.default_rng(derive_seed(config.experiment.seed, client_id, GGEUR_STREAM))
-        x, y = augmented_training_set(data.x_train.cpu().numpy(), data.y_train.cpu().numpy(),
-                                      client_id, shared, rng, config.ggeur.scaling)
-        res.augmented[key] = LocalData(torch.as_tensor(x, device=res.device),
-                                       torch.as_tensor(y, device=res.device),
-                                       data.x_test, data.y_test, None, data.z_test)
-    return res.augmented[key]
+@dataclass
+class Worker:
+    """One message's work: the decoded task, the run's method and add-ons (client halves), the
+    resident data and model, and the clients' state store."""
 
+    task: Task
+    config: ExperimentConfig
+    res: Resident
+    method: Method
+    add_ons: list[Component]
+    store: StateStore
 
-def run_statistics(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
-    """GGEUR's statistics phase: for each packed client, per class the count, sum and sum of
-    outer products of its training features (classes under ggeur.min_count withheld, optional
-    Gaussian noise on the sums); nothing per example."""
-    task = decode_task(content)
-    config = validate_config(task.experiment)
-    res = host.resident(config, task)
-    result = WorkerResult()
-    for client in task.clients:
+    @classmethod
+    def start(cls, content: RecordDict, host: Host) -> Worker:
+        task = decode_task(content)
+        config = validate_config(task.experiment)
+        return cls(task, config, host.resident(config, task), build_method(config),
+                   build_add_ons(config), host.state_store(task))
+
+    @property
+    def components(self) -> list[Component]:
+        return [self.method, *self.add_ons]
+
+    def contexts(self, index: int, global_arrays: dict[str, torch.Tensor]) -> list[ClientContext]:
+        """Client `index`'s context for the method and for each add-on (each sees its own
+        broadcast and its own slice of the client's state)."""
+        client = self.task.clients[index]
+        plan = self.method.Plan.model_validate(client.plan)
+        out = []
+        for component in self.components:
+            label = component.label()
+            broadcast = {k: torch.as_tensor(v, device=self.res.device)
+                         for k, v in self.task.broadcast.get(label, {}).items()}
+            out.append(ClientContext(client.client_id, self.task.round, plan, global_arrays, broadcast,
+                                     ClientScope(self.store, client.client_id, label),
+                                     self.config.client, self.config.client.lr, self.config.experiment.seed,
+                                     self.res.num_classes, model_factory=self.res.new_model,
+                                     cache=self.res.cache))
+        return out
+
+    def loss_terms(self, contexts: list[ClientContext]) -> list:
+        """`client.objectives` first, then the method's and the add-ons' terms."""
+        terms = build_terms(self.config, contexts[0])
+        for component, ctx in zip(self.components, contexts, strict=True):
+            terms += component.loss_terms(ctx)
+        return terms
+
+    def train_one(self, index: int, global_arrays: dict[str, torch.Tensor]) -> ClientResult:
+        client = self.task.clients[index]
+        res = self.res
+        res.load_global(global_arrays)
+        contexts = self.contexts(index, global_arrays)
         data = res.client_data(client.client_id)
-        x = data.x_train.cpu().numpy().reshape(len(data.y_train), -1)
-        counts, sums, outers = class_statistics(x, data.y_train.cpu().numpy(), res.num_classes)
-        withheld = counts < config.ggeur.min_count
-        counts[withheld], sums[withheld], outers[withheld] = 0, 0, 0
-        if config.ggeur.noise_std > 0:
-            seed = derive_seed(config.experiment.seed, client.client_id, GGEUR_STREAM, 1)
-            rng = np.random.default_rng(seed)
-            noise = rng.normal(0, config.ggeur.noise_std, outers.shape)
-            sums += rng.normal(0, config.ggeur.noise_std, sums.shape) * (~withheld)[:, None]
-            outers += (noise + noise.transpose(0, 2, 1)) / 2 * (~withheld)[:, None, None]
-        result.clients.append(ClientResult(client.client_id, {"num_examples": float(len(x))},
-                                           {"stats": {"counts": counts, "sums": sums, "outers": outers}}))
-    return encode_result(result)
+        for component, ctx in zip(self.components, contexts, strict=True):
+            data = component.training_data(ctx, data)
+        before = global_model_report(res, data) if self.method.evaluates_global else {}
+        terms = self.loss_terms(contexts)
+        seed = derive_seed(self.config.experiment.seed, self.task.round, client.client_id)
+        metrics = train_locally(res.model, data, self.config.client, terms, seed, self.config.client.lr,
+                                steps=contexts[0].plan.local_steps)
+        metrics.update(before)
+        outputs = {"model": {k: v.detach().cpu().numpy().copy() for k, v in res.model.state_dict().items()}}
+        for component, ctx in zip(self.components, contexts, strict=True):
+            ctx.steps = int(metrics["steps"])
+            update = component.after_training(ctx, res.model)
+            outputs.update(update.outputs)
+            metrics.update(update.metrics)
+        return ClientResult(client.client_id, metrics, outputs, self.store.saved(client.client_id))
+
+    def train_together(self, global_arrays: dict[str, torch.Tensor]) -> list[ClientResult] | None:
+        """Every client of the task trained in lockstep when the model and recipe allow (Linear
+        / ReLU models, SGD, no loss term but the proximal one), else None."""
+        contexts = [self.contexts(i, global_arrays) for i in range(len(self.task.clients))]
+        mus = lockstep_proximal_mu(self.config, self.components, [c[0].plan for c in contexts],
+                                   [self.loss_terms(c) for c in contexts])
+        if mus is None:
+            return None
+        config, clients = self.config, self.task.clients
+        names = [name for name, _ in self.res.model.named_parameters()]  # weight, bias per layer
+        trained = train_in_lockstep(
+            [global_arrays[name] for name in names],
+            [self.res.client_data(c.client_id) for c in clients],
+            [derive_seed(config.experiment.seed, self.task.round, c.client_id) for c in clients],
+            [config.client.lr] * len(clients), [c[0].plan.local_steps for c in contexts],
+            config.client, mus)
+        return [ClientResult(c.client_id, metrics,
+                             {"model": {n: p.cpu().numpy() for n, p in zip(names, params, strict=True)}})
+                for c, (params, metrics) in zip(clients, trained, strict=True)]
+
+    def train_each(self, global_arrays: dict[str, torch.Tensor],
+                   failures: dict[int, str]) -> list[ClientResult]:
+        """The task's clients trained one after another; one that raises is noted in `failures`."""
+        outcomes = []
+        for index, client in enumerate(self.task.clients):
+            try:
+                outcomes.append(self.train_one(index, global_arrays))
+            except Exception as exc:  # a failing client must not take the others down
+                failures[client.client_id] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+        return outcomes
 
 
-def _train_one(res: Resident, task: Task, index: int, config: ExperimentConfig,
-               global_params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor],
-               store: StateStore) -> ClientResult:
-    client = task.clients[index]
-    res.load_global(global_params)
-    data = res.client_data(client.client_id)
-    if "ggeur.values" in task.broadcast:
-        data = ggeur_data(res, client.client_id, data, task.broadcast, config)
-    before = global_model_report(res, data) if client.config.get("report_global") else {}
-    ctx = ObjectiveContext(client.client_id, global_params, broadcast, store)
-    objectives = build_objectives({**config.client.objectives, **client.config.get("objectives", {})}, ctx)
-    lr = float(client.config.get("lr", config.client.lr))
-    seed = derive_seed(config.experiment.seed, task.round, client.client_id)
-    metrics = train_locally(res.model, data, config.client, objectives, seed, lr,
-                            steps=client.config.get("local_steps"))
-    metrics.update(before)
-    outputs = {"model": _numpy_state(res.model)}
-    for term in objectives:
-        outputs.update(term.finish(res.model, int(metrics["steps"]), lr))
-    return ClientResult(client.client_id, metrics, outputs)
-
-
-def _train_together(res: Resident, task: Task, config: ExperimentConfig,
-                    global_params: dict[str, torch.Tensor], mus: list[float]) -> list[ClientResult]:
-    """Every client of the task trained in lockstep (Linear/ReLU models, SGD, FedProx's mu)."""
-    names = [name for name, _ in res.model.named_parameters()]  # weight, bias of each layer
-    trained = train_in_lockstep(
-        [global_params[name] for name in names],
-        [res.client_data(c.client_id) for c in task.clients],
-        [derive_seed(config.experiment.seed, task.round, c.client_id) for c in task.clients],
-        [float(c.config.get("lr", config.client.lr)) for c in task.clients],
-        [c.config.get("local_steps") for c in task.clients], config.client, mus)
-    return [ClientResult(c.client_id, metrics,
-                         {"model": {n: p.cpu().numpy() for n, p in zip(names, params, strict=True)}})
-            for c, (params, metrics) in zip(task.clients, trained, strict=True)]
-
-
-def _train_each(res: Resident, task: Task, config: ExperimentConfig,
-                global_params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor],
-                store: StateStore, failures: dict[int, str]) -> list[ClientResult]:
-    """The task's clients trained one after another; one that raises is noted in `failures`."""
-    outcomes = []
-    for index, client in enumerate(task.clients):
-        try:
-            outcomes.append(_train_one(res, task, index, config, global_params, broadcast, store))
-        except Exception as exc:  # a failing client must not take the others down
-            failures[client.client_id] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-    return outcomes
+def _tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
 
 
 def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     """Train every client of a packed task (in lockstep when the model and recipe allow); a
     client that raises is reported, the rest go on."""
-    task = decode_task(content)
-    config = validate_config(task.experiment)
-    res = host.resident(config, task)
-    global_params = _tensors(task.global_arrays, res.device)
+    worker = Worker.start(content, host)
+    global_arrays = _tensors(worker.task.global_arrays, worker.res.device)
     result = WorkerResult()
     outcomes = None
-    mus = lockstep_proximal_mu(config, [c.config for c in task.clients], bool(task.broadcast))
-    if mus is not None:
-        try:
-            outcomes = _train_together(res, task, config, global_params, mus)
-        except Exception:  # e.g. one client's data: retry one by one to isolate the failure
-            traceback.print_exc()
+    try:
+        outcomes = worker.train_together(global_arrays)
+    except Exception:  # e.g. one client's data: retry one by one to isolate the failure
+        traceback.print_exc()
     if outcomes is None:
-        outcomes = _train_each(res, task, config, global_params,
-                               _tensors(task.broadcast, res.device), host.state_store(task),
-                               result.failures)
+        outcomes = worker.train_each(global_arrays, result.failures)
+    reduce = worker.task.reduce
     for outcome in outcomes:
-        if task.reduce is not None:
-            for name, weighting in task.reduce.items():
+        if reduce is not None:
+            for name, weighting in reduce.items():
                 weight = outcome.metrics["num_examples"] if weighting == "examples" else 1.0
                 result.sums[name] = add_weighted(result.sums.get(name), outcome.outputs[name], weight)
                 result.weights[name] = result.weights.get(name, 0.0) + weight
             outcome.outputs = {}
         result.clients.append(outcome)
+    return encode_result(result)
+
+
+def run_setup(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
+    """The setup phase before round 1: each packed client's report for every method or add-on
+    that has one (GGEUR's class statistics), as outputs named after it."""
+    worker = Worker.start(content, host)
+    result = WorkerResult()
+    for index, client in enumerate(worker.task.clients):
+        data = worker.res.client_data(client.client_id)
+        outputs = {}
+        for component, ctx in zip(worker.components, worker.contexts(index, {}), strict=True):
+            if component.has_setup_phase:
+                outputs[component.label()] = component.client_setup(ctx, data)
+        result.clients.append(ClientResult(client.client_id, {"num_examples": float(len(data.y_train))},
+                                           outputs))
     return encode_result(result)
 
 

@@ -1,25 +1,24 @@
-"""Per-client state that outlives a round (control variates, personal layers), keyed by client id.
+"""Per-client state that outlives a round (control variates, a previous local model), keyed by
+client id and then by method and name.
 
-In simulation it lives in files under the run directory (any worker process may train a client
-next round); on a deployed node, in the node's Flower `Context.state`, which persists between
-the node's messages.
+In simulation the state travels with the client: the server keeps it, sends it in the client's
+task and takes back what the client saved from its reply, so any worker on any machine of a Ray
+cluster can train the client next. On a deployed node it lives in the node's Flower
+`Context.state`, which persists between the node's messages.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 from flwr.app import RecordDict
 
-from fedsim.engine.protocol import from_record, to_record
-
-Arrays = dict[str, np.ndarray]
+from fedsim.engine.protocol import Task, from_record, to_record
+from fedsim.method import Arrays
 
 
 class StateStore(Protocol):
-    """Named arrays per client."""
+    """Named arrays per client; `saved` is what a reply must carry back to the server."""
 
     def load(self, client_id: int, name: str) -> Arrays | None:
         ...
@@ -27,33 +26,30 @@ class StateStore(Protocol):
     def save(self, client_id: int, name: str, arrays: Arrays) -> None:
         ...
 
+    def saved(self, client_id: int) -> dict[str, Arrays]:
+        ...
 
-class ClientStateStore:
-    """Named arrays per client, stored as `.npz` files under `<run_dir>/client_state/`."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.root = Path(run_dir) / "client_state"
+class ShippedStateStore:
+    """Simulation: the state that came with each client's task; what a client saves goes back."""
 
-    def _path(self, client_id: int, name: str) -> Path:
-        return self.root / name / f"{client_id}.npz"
+    def __init__(self, task: Task) -> None:
+        self.incoming = {c.client_id: c.state for c in task.clients}
+        self.outgoing: dict[int, dict[str, Arrays]] = {}
 
     def load(self, client_id: int, name: str) -> Arrays | None:
-        path = self._path(client_id, name)
-        if not path.exists():
-            return None
-        with np.load(path) as data:
-            return {key: data[key] for key in data.files}
+        return self.outgoing.get(client_id, {}).get(name, self.incoming.get(client_id, {}).get(name))
 
     def save(self, client_id: int, name: str, arrays: Arrays) -> None:
-        path = self._path(client_id, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        self.outgoing.setdefault(client_id, {})[name] = arrays
+
+    def saved(self, client_id: int) -> dict[str, Arrays]:
+        return self.outgoing.get(client_id, {})
 
 
 class RecordStateStore:
-    """Named arrays per client kept in a Flower RecordDict (a deployed node's `Context.state`)."""
+    """Deployed: named arrays per client in a Flower RecordDict (the node's `Context.state`);
+    nothing travels back."""
 
     def __init__(self, records: RecordDict) -> None:
         self.records = records
@@ -70,3 +66,19 @@ class RecordStateStore:
 
     def save(self, client_id: int, name: str, arrays: Arrays) -> None:
         self.records[self._key(client_id, name)] = to_record(arrays)
+
+    def saved(self, client_id: int) -> dict[str, Arrays]:
+        return {}
+
+
+class ClientScope:
+    """One client's view of a store for one method or add-on (`ctx.store`)."""
+
+    def __init__(self, store: StateStore, client_id: int, owner: str) -> None:
+        self.store, self.client_id, self.owner = store, client_id, owner
+
+    def load(self, name: str) -> Arrays | None:
+        return self.store.load(self.client_id, f"{self.owner}/{name}")
+
+    def save(self, name: str, arrays: Arrays) -> None:
+        self.store.save(self.client_id, f"{self.owner}/{name}", arrays)

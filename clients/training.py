@@ -1,37 +1,19 @@
-"""The local training loop every strategy shares: SGD/Adam over cross-entropy plus objective terms."""
+"""The local training loop every method shares: SGD/Adam over cross-entropy plus the loss terms of
+the method, its add-ons and `client.objectives`."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.sgd import sgd
 
-from clients.objectives import Objective
 from fedsim.config import ClientSection
-from fedsim.data.federation import ClientData
+from fedsim.data.tensors import LocalData
+from fedsim.method import Batch, LossTerm
 from fedsim.system import planned_steps
-
-
-@dataclass
-class LocalData:
-    """One client's tensors, already on the worker's device."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    z_train: torch.Tensor | None = None  # sensitive groups, when the dataset has them
-    z_test: torch.Tensor | None = None
-
-    @classmethod
-    def from_arrays(cls, data: ClientData, device: torch.device | str = "cpu") -> LocalData:
-        """Move one client's numpy arrays onto `device`."""
-        arrays = (data.x_train, data.y_train, data.x_test, data.y_test, data.z_train, data.z_test)
-        return cls(*(None if a is None else torch.as_tensor(a, device=device) for a in arrays))
 
 
 class LeanSGD:
@@ -68,7 +50,7 @@ def make_optimizer(model: nn.Module, settings: ClientSection, lr: float) -> torc
 
 
 def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
-                  objectives: list[Objective], seed: int, lr: float,
+                  terms: list[LossTerm], seed: int, lr: float,
                   steps: int | None = None) -> dict[str, float]:
     """Train `model` in place on the client's data; returns the mean loss and counts.
 
@@ -94,8 +76,10 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
             logits = model(inputs[batch])
             targets = labels[batch]
             loss = F.cross_entropy(logits, targets)
-            for term in objectives:
-                loss = loss + term.penalty(model, logits, targets, None if groups is None else groups[batch])
+            if terms:
+                seen = Batch(inputs[batch], logits, targets, None if groups is None else groups[batch])
+                for term in terms:
+                    loss = loss + term.penalty(model, seen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.runtime import SIMULATION, Host, run_evaluate, run_statistics, run_train
+from clients.runtime import SIMULATION, Host, run_evaluate, run_setup, run_train
+from fedsim.engine.strategy import SETUP_ACTION
 
-STATISTICS_ACTION = "ggeur_statistics"  # messages of type query.ggeur_statistics
+# The in-process backend's handlers, by message type (the ClientApp's below, without Flower).
+HANDLERS = {"train": run_train, "evaluate": run_evaluate, f"query.{SETUP_ACTION}": run_setup}
 
 
 def make_client_app(host_for: Callable[[Context], Host]) -> ClientApp:
@@ -31,10 +33,10 @@ def make_client_app(host_for: Callable[[Context], Host]) -> ClientApp:
         """Evaluate the global model on the local test splits of the packed clients."""
         return Message(content=run_evaluate(msg.content, host_for(context)), reply_to=msg)
 
-    @app.query(STATISTICS_ACTION)
-    def statistics(msg: Message, context: Context) -> Message:
-        """GGEUR's statistics phase: per-class sufficient statistics of the packed clients."""
-        return Message(content=run_statistics(msg.content, host_for(context)), reply_to=msg)
+    @app.query(SETUP_ACTION)
+    def setup(msg: Message, context: Context) -> Message:
+        """The setup phase: the packed clients' reports (GGEUR's class statistics)."""
+        return Message(content=run_setup(msg.content, host_for(context)), reply_to=msg)
 
     return app
 

@@ -239,13 +239,21 @@ def partition(
 
 @app.command()
 def strategies() -> None:
-    """List the available strategies and their parameters."""
-    from fedsim.registry import STRATEGIES
+    """List the available strategies (fedsim's and Flower's) and add-ons with their parameters."""
+    from fedsim.registry import ADD_ONS, METHODS
+    from strategies.flower import PREFIX, flower_names
 
-    for name, cls in sorted(STRATEGIES.items()):
+    def first_line(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    for name, cls in sorted(METHODS.items()):
         params = ", ".join(f"{k}={f.default}" for k, f in cls.Params.model_fields.items())
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        typer.echo(f"{name:10s} {params or '-'}    {doc}")
+        typer.echo(f"{name:10s} {params or '-'}    {first_line(cls)}")
+    for name, cls in sorted(ADD_ONS.items()):
+        typer.echo(f"[{name}]    add-on to any strategy ({name}.enabled = true): {first_line(cls)}")
+    typer.echo("Flower's strategies on fedsim's engine (constructor arguments as strategy keys):")
+    typer.echo("  " + ", ".join(PREFIX + n for n in flower_names()))
+    typer.echo("Your own: strategy.name = 'package.module:Class' or 'file.py:Class' (a fedsim.method.Method)")
 
 
 def main() -> None:

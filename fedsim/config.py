@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsim.errors import ConfigError
+from fedsim.plugins import absolute_file_plugins
 
 DATA_DIR_ENV = "FEDSIM_DATA_DIR"
 
@@ -112,6 +113,11 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
+    """A built-in model by name, or a user's model function by import string; a user's model may
+    take extra keys of its own (built-in models allow none)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [128])
 
@@ -131,7 +137,7 @@ class ClientSection(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    objectives: dict[str, dict[str, float]] = Field(
+    objectives: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra local terms for any strategy, e.g. {parity = {mu = 1.0}}")
 
     @model_validator(mode="before")
@@ -306,10 +312,11 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read an experiment TOML file, with a clear error when it is missing or malformed."""
+    """Read an experiment TOML file, with a clear error when it is missing or malformed; plugin
+    files it names (`file.py:Name`) are taken relative to its folder."""
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            return absolute_file_plugins(tomllib.load(handle), Path(path).parent)
     except FileNotFoundError:
         raise ConfigError(f"experiment file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -1,4 +1,5 @@
-"""Model zoo: small PyTorch models selectable by name (`model.name` in the experiment)."""
+"""Model zoo: small PyTorch models selectable by name (`model.name` in the experiment), or a
+user's model function by import string."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from fedsim.config import ModelSection
 from fedsim.errors import ConfigError
+from fedsim.plugins import is_plugin, load_object
 
 
 def logistic_regression(input_shape: tuple[int, ...], num_classes: int, spec: ModelSection) -> nn.Module:
@@ -82,15 +84,43 @@ MODELS: dict[str, Callable[[tuple[int, ...], int, ModelSection], nn.Module]] = {
 }
 
 
-def check_model_name(name: str) -> None:
-    if name not in MODELS:
-        raise ConfigError(f"unknown model '{name}' in model.name; known: {', '.join(sorted(MODELS))}")
+def model_function(spec: ModelSection) -> Callable[[tuple[int, ...], int, ModelSection], nn.Module]:
+    """The function `model.name` names: a built-in model or a user's, `(input shape, number of
+    classes, model section) -> nn.Module`."""
+    if spec.name in MODELS:
+        return MODELS[spec.name]
+    if not is_plugin(spec.name):
+        raise ConfigError(f"unknown model '{spec.name}' in model.name; known: {', '.join(sorted(MODELS))}, "
+                          "or 'package.module:function' / 'file.py:function' for your own")
+    function = load_object(spec.name, "model.name")
+    if not callable(function):
+        raise ConfigError(f"model.name = '{spec.name}' is not callable")
+    return function
+
+
+def check_model(spec: ModelSection) -> None:
+    """The model exists; built-in models take no keys but their own."""
+    model_function(spec)
+    if spec.name in MODELS and spec.model_extra:
+        raise ConfigError(f"unknown key(s) {['model.' + k for k in spec.model_extra]} for the "
+                          f"built-in model '{spec.name}' (its keys: name, hidden)")
 
 
 def build_model(spec: ModelSection, input_shape: tuple[int, ...], num_classes: int,
                 seed: int) -> nn.Module:
     """A freshly initialised model; the same seed gives the same initial weights."""
-    check_model_name(spec.name)
+    function = model_function(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[spec.name](tuple(input_shape), num_classes, spec)
+        try:
+            model = function(tuple(input_shape), num_classes, spec)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"model.name = '{spec.name}' failed to build a model for inputs "
+                              f"{tuple(input_shape)} and {num_classes} classes: "
+                              f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name = '{spec.name}' returned {type(model).__name__}, not a "
+                          "torch.nn.Module")
+    return model

@@ -1,70 +1,139 @@
-"""Names to implementations (a composition root): strategies, plus the checks a spec must pass
-before anything runs."""
+"""Names to implementations (the composition root): methods, add-ons, loss terms, models and
+datasets by built-in name or import string, and the checks a spec must pass before anything
+runs (each names the key and the plugin at fault)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from typing import Any
 
-import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from clients.objectives import OBJECTIVES
 from fedsim.config import ExperimentConfig
-from fedsim.data.sources import check_dataset_name, check_sensitive
+from fedsim.data.sources import check_dataset_name, check_sensitive, has_sensitive_attribute
 from fedsim.errors import ConfigError
-from fedsim.models import check_model_name
-from strategies.base import FedsimStrategy
+from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
+from fedsim.models import check_model
+from fedsim.plugins import is_plugin, load_object
+from fedsim.terms import ParityPenalty, Proximal
 from strategies.fairfed import FairFed
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
-from strategies.fedld import FedLD
+from strategies.fedld import FedLD, MarginControl
+from strategies.fednova import FedNova
 from strategies.fedopt import FedAdam, FedYogi
 from strategies.fedprox import FedProx
+from strategies.flower import PREFIX as FLOWER_PREFIX
+from strategies.flower import FlowerStrategy, flower_names
+from strategies.ggeur import Ggeur
+from strategies.moon import Moon
 from strategies.qffl import QFFL
 from strategies.scaffold import Scaffold
 
-STRATEGIES: dict[str, type[FedsimStrategy]] = {
+METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold, FedLD, FairFed,
-                            QFFL)
+                            QFFL, FedNova, Moon)
 }
+LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (MarginControl, ParityPenalty, Proximal)}
+ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur}  # each switched on by `[<name>] enabled`
 
 
-def strategy_class(name: str) -> type[FedsimStrategy]:
-    if name not in STRATEGIES:
-        known = ", ".join(sorted(STRATEGIES))
-        raise ConfigError(f"unknown strategy '{name}' in strategy.name; known: {known}")
-    return STRATEGIES[name]
+def strategy_names() -> list[str]:
+    """Every name `strategy.name` accepts besides import strings."""
+    return [*sorted(METHODS), *(FLOWER_PREFIX + n for n in flower_names())]
 
 
-def check_config(config: ExperimentConfig) -> None:
-    """Checks that need the registries: names of dataset, model and strategy, strategy params."""
-    check_dataset_name(config.data.dataset)
-    check_sensitive(config.data)
-    check_model_name(config.model.name)
-    if config.data.embedding == "warmup":
-        check_model_name(config.data.warmup.model)
-    if config.ggeur.enabled and not config.data.embedding:
-        raise ConfigError("ggeur works on embeddings: set data.embedding = 'identity' (flattened "
-                          "inputs) or the path of a frozen encoder")
-    unknown = sorted(set(config.client.objectives) - set(OBJECTIVES))
-    if unknown:
-        raise ConfigError(f"unknown local objective(s) {unknown} in client.objectives; "
-                          f"known: {', '.join(sorted(OBJECTIVES))}")
-    cls = strategy_class(config.strategy.name)
+def _plugin_class(name: str, key: str, base: type) -> type:
+    obj = load_object(name, key)
+    if not (inspect.isclass(obj) and issubclass(obj, base)):
+        raise ConfigError(f"{key} = '{name}' is not a subclass of fedsim.method.{base.__name__}")
+    return obj
+
+
+def method_class(name: str) -> type[Method]:
+    """The method `strategy.name` names: built-in, `flwr:<Strategy>`, or an import string."""
+    if name in METHODS:
+        return METHODS[name]
+    if name.startswith(FLOWER_PREFIX):
+        return FlowerStrategy.wrapping(name[len(FLOWER_PREFIX):])
+    if is_plugin(name):
+        return _plugin_class(name, "strategy.name", Method)
+    raise ConfigError(f"unknown strategy '{name}' in strategy.name; known: {', '.join(strategy_names())}, "
+                      "or 'package.module:Name' / 'file.py:Name' for your own")
+
+
+def term_class(name: str) -> type[LossTerm]:
+    if name in LOSS_TERMS:
+        return LOSS_TERMS[name]
+    if is_plugin(name):
+        return _plugin_class(name, f"client.objectives.{name}", LossTerm)
+    raise ConfigError(f"unknown local objective '{name}' in client.objectives; known: "
+                      f"{', '.join(sorted(LOSS_TERMS))}, or 'package.module:Name' for your own")
+
+
+def cohort_size(config: ExperimentConfig, num_clients: int) -> int:
+    s = config.strategy
+    k = round(s.fraction * num_clients) if s.fraction else s.clients_per_round
+    return max(1, min(int(k or num_clients), num_clients))
+
+
+def build_method(config: ExperimentConfig, run: RunInfo | None = None) -> Method:
+    """The run's method: its client half on a worker (`run` None), both halves on the server."""
+    cls = method_class(config.strategy.name)
+    if issubclass(cls, FlowerStrategy) and run is not None:
+        return cls(config.strategy.params, run, cohort_size(config, run.num_clients))
+    return cls(config.strategy.params, run)
+
+
+def build_add_ons(config: ExperimentConfig, run: RunInfo | None = None) -> list[AddOn]:
+    """The add-ons the spec switches on, in registry order."""
+    sections = {name: getattr(config, name) for name in ADD_ONS}
+    return [ADD_ONS[name](section, run) for name, section in sections.items() if section.enabled]
+
+
+def build_terms(config: ExperimentConfig, ctx: ClientContext) -> list[LossTerm]:
+    """The loss terms `client.objectives` adds for every method."""
+    return [term_class(name)(term_class(name).Params.model_validate(params), ctx)
+            for name, params in config.client.objectives.items()]
+
+
+def _check_params(model: type[BaseModel], params: dict[str, Any], key: str, owner: str) -> None:
     try:
-        cls.Params.model_validate(config.strategy.params)
+        model.model_validate(params)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            key = "strategy." + ".".join(str(p) for p in error["loc"])
+            where = f"{key}." + ".".join(str(p) for p in error["loc"])
             if error["type"] == "extra_forbidden":
-                allowed = ", ".join(sorted(cls.Params.model_fields)) or "none"
-                problems.append(f"unknown key '{key}' for strategy '{cls.name}' (its parameters: {allowed})")
+                allowed = ", ".join(sorted(model.model_fields)) or "none"
+                problems.append(f"unknown key '{where}' for {owner} (its parameters: {allowed})")
             else:
-                problems.append(f"{key} = {error.get('input')!r}: {error['msg']}")
+                problems.append(f"{where} = {error.get('input')!r}: {error['msg']}")
         raise ConfigError("invalid experiment config: " + "; ".join(problems)) from None
 
 
-def build_strategy(config: ExperimentConfig, client_sizes: np.ndarray, param_names: Iterable[str],
-                   run_dir: str) -> FedsimStrategy:
-    return strategy_class(config.strategy.name)(config, client_sizes, param_names, run_dir)
+def check_config(config: ExperimentConfig) -> None:
+    """Every check that needs the registries, before anything runs: dataset, model, strategy and
+    its parameters, local objectives and their parameters, add-ons, sensitive attributes."""
+    check_dataset_name(config.data.dataset)
+    check_sensitive(config.data)
+    check_model(config.model)
+    if config.data.embedding == "warmup":
+        check_model(config.model.model_copy(update={"name": config.data.warmup.model}))
+    if config.ggeur.enabled and not config.data.embedding:
+        raise ConfigError("ggeur works on embeddings: set data.embedding = 'identity' (flattened "
+                          "inputs) or the path of a frozen encoder")
+    cls = method_class(config.strategy.name)
+    if issubclass(cls, FlowerStrategy):
+        cls.check(config.strategy.params)
+    else:
+        _check_params(cls.Params, config.strategy.params, "strategy", f"strategy '{cls.label()}'")
+    needs_groups = [f"strategy '{cls.label()}'"] if cls.needs_groups else []
+    for name, params in config.client.objectives.items():
+        term = term_class(name)
+        _check_params(term.Params, params, f"client.objectives.{name}", f"local objective '{name}'")
+        if term.needs_groups:
+            needs_groups.append(f"local objective '{name}'")
+    if needs_groups and not has_sensitive_attribute(config.data):
+        raise ConfigError(f"{' and '.join(needs_groups)} need(s) a sensitive attribute: set "
+                          "data.sensitive (adult: sex or race; german: sex or age)")

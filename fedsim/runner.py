@@ -12,19 +12,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clients.runtime import run_evaluate, run_statistics, run_train
-from fedsim.app import STATISTICS_ACTION
+from fedsim.app import HANDLERS
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.data.stats import label_counts
 from fedsim.decomposition import LossDecomposer
-from fedsim.engine.server import CentralEvaluator, ProgressCallback, RoundTransport, run_rounds
-from fedsim.engine.transports import GridTransport, InProcessTransport
+from fedsim.engine.inprocess import InProcessGrid, server_task_identity
+from fedsim.engine.server import CentralEvaluator, ProgressCallback, RoundLog, run_rounds
+from fedsim.engine.strategy import FedsimStrategy
+from fedsim.engine.transports import GridTransport
 from fedsim.errors import ConfigError
-from fedsim.registry import build_strategy, check_config
+from fedsim.method import RunInfo
+from fedsim.registry import build_add_ons, build_method, check_config
 from fedsim.results import RunWriter, default_run_dir
 from fedsim.warmup import with_warmup_encoder
-from strategies.ggeur import shapes_from_statistics
 
 
 @dataclass
@@ -36,41 +37,40 @@ class RunSummary:
     seconds: float
 
 
-def share_geometric_shapes(transport, strategy, num_clients: int, config: ExperimentConfig,
-                           writer: RunWriter) -> None:
-    """GGEUR's statistics phase: collect every client's class statistics once, pool them, and
-    have every later training message carry the classes' geometric shapes."""
-    clients, size = transport.query(STATISTICS_ACTION, list(range(num_clients)))
-    statistics = {c.client_id: c.outputs["stats"] for c in clients}
-    strategy.shared = shapes_from_statistics(statistics, num_clients, config.ggeur.target,
-                                             config.ggeur.prototypes)
-    shared_bytes = sum(a.nbytes for a in strategy.shared.values())
-    writer.save_json("ggeur.json", {"clients": len(statistics), "statistics_phase_bytes": size,
-                                    "shapes_bytes_per_message": shared_bytes})
-    writer.log(f"ggeur: statistics of {len(statistics)} clients, {size} bytes exchanged")
+def run_setup_phase(transport: GridTransport, writer: RunWriter) -> None:
+    """Before round 1, the setup phase of the method and add-ons that have one (GGEUR's class
+    statistics); what each reports about it goes to `setup.json`."""
+    summaries, size = transport.setup()
+    writer.save_json("setup.json", {"bytes_exchanged": size, **summaries})
+    writer.log(f"setup phase: {', '.join(summaries)}; {size} bytes exchanged")
 
 
-Start = Callable[[object, Callable[[RoundTransport], None]], None]
+Start = Callable[[FedsimStrategy, Callable[[GridTransport], None]], None]
 
 
 def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes: np.ndarray,
             label_table: np.ndarray, start: Start, progress: ProgressCallback | None = None,
-            decomposer: LossDecomposer | None = None, where: str = "") -> RunSummary:
-    """Record the federation, build the strategy, and run every round through the transport
-    that `start(strategy, loop)` hands to `loop`; shared by simulation and deployment."""
+            decomposer: LossDecomposer | None = None, where: str = "",
+            placement: dict | None = None) -> RunSummary:
+    """Record the federation, build the method and the strategy around it, and run every round
+    through the transport that `start(strategy, loop)` hands to `loop`; shared by simulation and
+    deployment (`placement`: the strategy's placement and data_info keywords)."""
     run_dir = default_run_dir(config)
     writer = RunWriter(run_dir, config)
     writer.save_federation(label_table, f"{config.data.dataset}, {config.data.partition.kind} partition")
-    param_names = [name for name, _ in evaluator.model.named_parameters()]
-    strategy = build_strategy(config, client_sizes, param_names, str(run_dir.resolve()))
+    run = RunInfo([name for name, _ in evaluator.model.named_parameters()], np.asarray(client_sizes),
+                  config.client, config.experiment.seed)
+    method, add_ons = build_method(config, run), build_add_ons(config, run)
+    log = RoundLog()
+    strategy = FedsimStrategy(config, method, add_ons, client_sizes, log, **(placement or {}))
     started = time.perf_counter()
     writer.log(f"start: {config.strategy.name} on {config.data.dataset}, "
                f"{len(client_sizes)} clients, {where or 'backend ' + config.engine.backend}")
 
-    def loop(transport: RoundTransport) -> None:
-        if config.ggeur.enabled:
-            share_geometric_shapes(transport, strategy, len(client_sizes), config, writer)
-        run_rounds(config, transport, strategy, evaluator, writer, progress, decomposer)
+    def loop(transport: GridTransport) -> None:
+        if any(c.has_setup_phase for c in (method, *add_ons)):
+            run_setup_phase(transport, writer)
+        run_rounds(config, transport, log, evaluator, writer, progress, decomposer)
 
     start(strategy, loop)
     seconds = time.perf_counter() - started
@@ -98,8 +98,9 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
 
     def start(strategy, loop) -> None:
         if config.engine.backend == "inprocess":
-            loop(InProcessTransport(strategy, config.engine.workers, run_train, run_evaluate,
-                                    {STATISTICS_ACTION: run_statistics}))
+            with server_task_identity():
+                grid = InProcessGrid(config.engine.workers, HANDLERS)
+                loop(GridTransport(strategy, grid, config.engine.timeout))
         else:
             from fedsim.engine.ray_backend import run_on_ray
 

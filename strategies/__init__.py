@@ -1,1 +1,1 @@
-"""Server side: one module per aggregation strategy, all on the fedsim base in `base.py`."""
+"""The methods: one module per federated method (both halves), plus add-ons beside any method."""

@@ -12,36 +12,29 @@ lacks a group gets Delta_i = mean_j Delta_j (no change).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from fedsim.engine.protocol import Arrays
 from fedsim.fairness.groups import counts_from_metrics, parity_gaps
-from strategies.base import FedsimStrategy, RoundResult
+from fedsim.method import Arrays, Method, NoParams, RoundResult
 
 
-class FairFedParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    beta: float = Field(1.0, ge=0, description="fairness budget: how fast weights follow the gap")
-    metric: Literal["sp_gap", "tpr_gap"] = Field("sp_gap", description="statistical parity or "
-                                                 "equal opportunity")
-
-
-class FairFed(FedsimStrategy):
-    """FedAvg with weights that shrink for clients whose local fairness deviates from the global."""
+class FairFed(Method):
+    """FedAvg with weights that shrink for clients whose local fairness deviates from the global.
+    Clients report the received global model's group confusion counts on their data
+    (`evaluates_global`); the weights are the method's state."""
 
     name = "fairfed"
-    Params = FairFedParams
-    per_client_updates: ClassVar[bool] = True
+    per_client_updates = True
+    evaluates_global = True
+    needs_groups = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.weights = self.client_sizes / self.client_sizes.sum()
-
-    def client_config(self, server_round: int) -> dict[str, Any]:
-        return {"report_global": True}
+    class Params(NoParams):
+        beta: float = Field(1.0, ge=0, description="fairness budget: how fast weights follow the gap")
+        metric: Literal["sp_gap", "tpr_gap"] = Field("sp_gap", description="statistical parity or "
+                                                     "equal opportunity")
 
     def deviations(self, result: RoundResult) -> np.ndarray:
         counts = [counts_from_metrics(c.metrics, prefix="pre_") for c in result.clients]
@@ -56,21 +49,21 @@ class FairFed(FedsimStrategy):
         mean = deviation[known].mean() if known.any() else 0.0
         return np.where(known, deviation, mean)
 
-    def aggregate(self, server_round: int, current: Arrays, result: RoundResult) -> Arrays:
+    def aggregate(self, server_round: int, current: Arrays,
+                  result: RoundResult) -> tuple[Arrays, dict[str, float]]:
+        if "weights" not in self.state:  # the data shares
+            self.state["weights"] = self.run.client_sizes / self.run.client_sizes.sum()
+        weights = self.state["weights"]
         ids = np.array([c.client_id for c in result.clients])
         deviation = self.deviations(result)
-        updated = np.clip(self.weights[ids] - self.params.beta * (deviation - deviation.mean()), 0, None)
+        updated = np.clip(weights[ids] - self.params.beta * (deviation - deviation.mean()), 0, None)
         if updated.sum() <= 0:  # every weight clipped: fall back to the data shares
-            updated = self.client_sizes[ids].astype(np.float64)
-        self.weights[ids] = updated / updated.sum() * self.weights[ids].sum()
+            updated = self.run.client_sizes[ids].astype(np.float64)
+        weights[ids] = updated / updated.sum() * weights[ids].sum()
         mix = updated / updated.sum()
         new = {}
         for name in current:
             stacked = np.stack([c.outputs["model"][name].astype(np.float64) for c in result.clients])
             new[name] = np.tensordot(mix, stacked, axes=1).astype(current[name].dtype)
-        self._last = {"fairfed_weight_min": float(mix.min()), "fairfed_weight_max": float(mix.max()),
-                      "fairfed_mean_deviation": float(deviation.mean())}
-        return new
-
-    def record(self, server_round: int, result: RoundResult) -> dict[str, float]:
-        return dict(self._last)
+        return new, {"fairfed_weight_min": float(mix.min()), "fairfed_weight_max": float(mix.max()),
+                     "fairfed_mean_deviation": float(deviation.mean())}

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from strategies.server_optimizer import ServerOptimizerStrategy
-
-
-class FedAvgMParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+from fedsim.method import NoParams
+from strategies.server_optimizer import ServerOptimizer
 
 
-class FedAvgM(ServerOptimizerStrategy):
+class FedAvgM(ServerOptimizer):
     """v <- momentum * v + delta;  w <- w + server_lr * v  (delta: mean model - global)."""
 
     name = "fedavgm"
-    Params = FedAvgMParams
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.velocity: dict[str, np.ndarray] = {}
+    class Params(NoParams):
+        server_lr: float = Field(1.0, gt=0)
+        momentum: float = Field(0.9, ge=0, lt=1)
 
     def step(self, name: str, weights: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        v = self.params.momentum * self.velocity.get(name, np.zeros_like(delta)) + delta
-        self.velocity[name] = v
+        v = self.params.momentum * self.moment("velocity", name, delta) + delta
+        self.state[f"velocity.{name}"] = v
         return weights + self.params.server_lr * v

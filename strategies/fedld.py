@@ -1,7 +1,10 @@
 """FedLD (loss decomposition, MICCAI 2024): margin control on the clients, principal-gradient
 aggregation on the server.
 
-Per float parameter tensor, the m client deltas G (m x d) are combined along their top
+Client: lam * log(1 + ||softmax(logits)||_F^2) over the whole batch is added to the loss; the
+Frobenius norm of the batch's probability matrix is smallest for uniform predictions, so the
+term penalizes over-confident local models.
+Server: per float parameter tensor, the m client deltas G (m x d) are combined along their top
 k = floor(m * k_proportion) uncentered principal directions v_j, each weighted by its share of
 the eigenvalues lambda_j = sigma_j^2 / m and by the clients' norms signed by their projection:
 
@@ -13,13 +16,13 @@ Buffers (BatchNorm statistics, counters) are averaged as in FedAvg, not revised.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+import torch
+from pydantic import Field
+from torch import nn
 
-from fedsim.engine.protocol import Arrays
-from strategies.base import FedsimStrategy, RoundResult
+from fedsim.method import Arrays, Batch, ClientContext, LossTerm, Method, NoParams, RoundResult
 
 
 def principal_gradient(deltas: np.ndarray, k_proportion: float = 0.8, eps: float = 1e-12) -> np.ndarray:
@@ -46,34 +49,47 @@ def principal_gradient(deltas: np.ndarray, k_proportion: float = 0.8, eps: float
     return ((eigenvalues[:k] / total) * magnitudes) @ directions
 
 
-class FedLDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    margin_lambda: float = Field(0.03, ge=0, description="weight of log(1 + ||softmax||_F^2)")
-    k_proportion: float = Field(0.8, gt=0, le=1, description="share of principal directions kept")
-    mean_first_round: bool = Field(True, description="plain mean in round 1, as the reference code")
+class MarginControl(LossTerm):
+    """FedLD's margin control: lam * log(1 + ||softmax(logits)||_F^2) over the whole batch."""
+
+    name = "margin"
+
+    class Params(NoParams):
+        lam: float = Field(0.03, ge=0, description="weight of the margin term")
+
+    def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        squared_norm = torch.softmax(batch.logits, dim=1).pow(2).sum()
+        return self.params.lam * torch.log1p(squared_norm)
 
 
-class FedLD(FedsimStrategy):
+class FedLD(Method):
     """Margin-control regularizer on the clients, principal-gradient aggregation on the server."""
 
     name = "fedld"
-    Params = FedLDParams
-    per_client_updates: ClassVar[bool] = True
+    per_client_updates = True
 
-    def client_config(self, server_round: int) -> dict[str, Any]:
+    class Params(NoParams):
+        margin_lambda: float = Field(0.03, ge=0, description="weight of log(1 + ||softmax||_F^2)")
+        k_proportion: float = Field(0.8, gt=0, le=1, description="share of principal directions kept")
+        mean_first_round: bool = Field(True, description="plain mean in round 1, as the reference code")
+
+    # ---- client half -----------------------------------------------------------------------
+    def loss_terms(self, ctx: ClientContext) -> list[LossTerm]:
         if self.params.margin_lambda == 0:
-            return {}
-        return {"objectives": {"margin": {"lam": self.params.margin_lambda}}}
+            return []
+        return [MarginControl(MarginControl.Params(lam=self.params.margin_lambda), ctx)]
 
-    def aggregate(self, server_round: int, current: Arrays, result: RoundResult) -> Arrays:
+    # ---- server half -----------------------------------------------------------------------
+    def aggregate(self, server_round: int, current: Arrays,
+                  result: RoundResult) -> tuple[Arrays, dict[str, float]]:
         new = dict(result.means["model"])  # buffers: the FedAvg mean
         if server_round == 1 and self.params.mean_first_round:
             unweighted = {name: np.mean([c.outputs["model"][name] for c in result.clients], axis=0)
-                          for name in self.param_names}
-            return {**new, **{n: v.astype(current[n].dtype) for n, v in unweighted.items()}}
-        for name in self.param_names:
+                          for name in self.run.param_names}
+            return {**new, **{n: v.astype(current[n].dtype) for n, v in unweighted.items()}}, {}
+        for name in self.run.param_names:
             base = current[name]
             deltas = np.stack([(c.outputs["model"][name] - base).ravel() for c in result.clients])
             update = principal_gradient(deltas, self.params.k_proportion)
             new[name] = (base + update.reshape(base.shape)).astype(base.dtype)
-        return new
+        return new, {}

@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from strategies.server_optimizer import ServerOptimizerStrategy
-
-
-class FedOptParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(0.01, gt=0, description="eta")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0, description="adaptivity; v starts at tau^2")
+from fedsim.method import NoParams
+from strategies.server_optimizer import ServerOptimizer
 
 
-class FedAdam(ServerOptimizerStrategy):
+class FedAdam(ServerOptimizer):
     """m <- b1 m + (1-b1) d;  v <- b2 v + (1-b2) d^2;  w <- w + eta m / (sqrt(v) + tau)."""
 
     name = "fedadam"
-    Params = FedOptParams
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.m: dict[str, np.ndarray] = {}
-        self.v: dict[str, np.ndarray] = {}
+    class Params(NoParams):
+        server_lr: float = Field(0.01, gt=0, description="eta")
+        beta1: float = Field(0.9, ge=0, lt=1)
+        beta2: float = Field(0.99, ge=0, lt=1)
+        tau: float = Field(1e-3, gt=0, description="adaptivity; v starts at tau^2")
 
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return self.params.beta2 * v + (1 - self.params.beta2) * delta**2
 
     def step(self, name: str, weights: np.ndarray, delta: np.ndarray) -> np.ndarray:
         p = self.params
-        m = p.beta1 * self.m.get(name, np.zeros_like(delta)) + (1 - p.beta1) * delta
-        v = self.second_moment(self.v.get(name, np.full_like(delta, p.tau**2)), delta)
-        self.m[name], self.v[name] = m, v
+        m = p.beta1 * self.moment("m", name, delta) + (1 - p.beta1) * delta
+        v = self.second_moment(self.moment("v", name, delta, p.tau**2), delta)
+        self.state[f"m.{name}"], self.state[f"v.{name}"] = m, v
         return weights + p.server_lr * m / (np.sqrt(v) + p.tau)
 
 

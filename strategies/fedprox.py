@@ -1,22 +1,19 @@
 """FedProx (Li et al., 2020): FedAvg whose clients add a proximal term (mu/2)||w - w_global||^2."""
 
-from typing import Any
+from pydantic import Field
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from fedsim.method import NoParams
+from fedsim.terms import Proximal
 from strategies.fedavg import FedAvg
-
-
-class FedProxParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mu: float = Field(0.01, ge=0, description="weight of the proximal term")
 
 
 class FedProx(FedAvg):
     """FedAvg plus a proximal term on every client, pulling local models toward the global."""
 
     name = "fedprox"
-    Params = FedProxParams
 
-    def client_config(self, server_round: int) -> dict[str, Any]:
-        return {"objectives": {"proximal": {"mu": self.params.mu}}}
+    class Params(NoParams):
+        mu: float = Field(0.01, ge=0, description="weight of the proximal term")
+
+    def loss_terms(self, ctx):
+        return [Proximal(Proximal.Params(mu=self.params.mu), ctx)]

@@ -12,32 +12,26 @@ clients the model serves worst.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from fedsim.engine.protocol import Arrays
-from strategies.base import FedsimStrategy, RoundResult
-
-
-class QFFLParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    q: float = Field(1.0, ge=0, description="fairness: 0 is averaging, larger favours worse clients")
+from fedsim.method import Arrays, Method, NoParams, RoundResult
 
 
-class QFFL(FedsimStrategy):
-    """q-FedAvg: client updates weighted by their loss to the power q, with the paper's step size."""
+class QFFL(Method):
+    """q-FedAvg: client updates weighted by their loss to the power q, with the paper's step size.
+    Clients report the received global model's loss on their data (`evaluates_global`)."""
 
     name = "qffl"
-    Params = QFFLParams
-    per_client_updates: ClassVar[bool] = True
+    per_client_updates = True
+    evaluates_global = True
 
-    def client_config(self, server_round: int) -> dict[str, Any]:
-        return {"report_global": True}
+    class Params(NoParams):
+        q: float = Field(1.0, ge=0, description="fairness: 0 is averaging, larger favours worse clients")
 
-    def aggregate(self, server_round: int, current: Arrays, result: RoundResult) -> Arrays:
-        q, lipschitz = self.params.q, 1.0 / self.config.client.lr
+    def aggregate(self, server_round: int, current: Arrays,
+                  result: RoundResult) -> tuple[Arrays, dict[str, float]]:
+        q, lipschitz = self.params.q, 1.0 / self.run.settings.lr
         names = [n for n in current if np.issubdtype(current[n].dtype, np.floating)]
         numerator = {n: np.zeros(current[n].shape) for n in names}
         denominator = 0.0
@@ -52,4 +46,4 @@ class QFFL(FedsimStrategy):
         new = dict(result.means["model"])  # integer buffers: the FedAvg mean
         for n in names:
             new[n] = (current[n] - numerator[n] / denominator).astype(current[n].dtype)
-        return new
+        return new, {}

@@ -25,3 +25,20 @@ def data_dir() -> Path:
     if not root or not (Path(root) / "fashion-mnist").is_dir():
         pytest.skip("needs the offline dataset folder (FEDSIM_DATA_DIR)")
     return Path(root)
+
+
+@pytest.fixture
+def make_method():
+    """A method's server half as the engine builds it: make_method(sizes, "strategy.name=x", ...)."""
+    import numpy as np
+
+    from fedsim.config import load_config
+    from fedsim.method import RunInfo
+    from fedsim.registry import build_method
+
+    def make(sizes, *overrides, param_names=("w",)):
+        config = load_config(None, list(overrides))
+        run = RunInfo(list(param_names), np.asarray(sizes), config.client, config.experiment.seed)
+        return build_method(config, run)
+
+    return make

@@ -88,7 +88,7 @@ def test_a_crash_keeps_the_finished_rounds(tmp_path, monkeypatch):
     def crash_in_round_3(self, server_round, current, result):
         if server_round == 3:
             raise RuntimeError("crash")
-        return result.means["model"]
+        return result.means["model"], {}
 
     monkeypatch.setattr(FedAvg, "aggregate", crash_in_round_3)
     with pytest.raises(RuntimeError, match="crash"):

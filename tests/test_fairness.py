@@ -8,9 +8,7 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
-from clients.objectives import ParityPenalty
 from fedsim.config import load_config
-from fedsim.engine.protocol import ClientResult
 from fedsim.fairness.aglfop import aglfop, aglfop_frontier, aglfop_predictor
 from fedsim.fairness.groups import (
     counts_from_metrics,
@@ -20,10 +18,9 @@ from fedsim.fairness.groups import (
     parity_gaps,
 )
 from fedsim.fairness.pid import mutual_information, pid_decomposition
+from fedsim.method import Batch, ClientResult, RoundResult
 from fedsim.runner import run_experiment
-from strategies.base import RoundResult
-from strategies.fairfed import FairFed
-from strategies.qffl import QFFL
+from fedsim.terms import ParityPenalty
 
 
 def joint_of(cells: list[tuple[int, int, int]], shape=(2, 2, 2)) -> np.ndarray:
@@ -174,45 +171,44 @@ def fake_round(models: list[np.ndarray], sizes: list[float], extra: list[dict]) 
     return RoundResult(clients=clients, means={"model": {"w": mean}})
 
 
-def test_fairfed_moves_weight_away_from_clients_whose_fairness_deviates():
+def test_fairfed_moves_weight_away_from_clients_whose_fairness_deviates(make_method):
     fair = np.array([[[10, 10], [10, 10]], [[10, 10], [10, 10]]], float)  # local SP gap 0
     unfair = np.array([[[20, 0], [20, 0]], [[0, 20], [0, 20]]], float)  # local SP gap 1
     counts = [fair, fair, unfair]
     models = [np.array([1.0]), np.array([2.0]), np.array([10.0])]
     extra = [counts_to_metrics(c, prefix="pre_") for c in counts]
-    config = load_config(None, ["strategy.name=fairfed", "strategy.beta=0.2"])
-    strategy = FairFed(config, np.array([40, 40, 40]), ["w"], "")
-    new = strategy.aggregate(1, {"w": np.array([0.0])}, fake_round(models, [40, 40, 40], extra))
+    strategy = make_method([40, 40, 40], "strategy.name=fairfed", "strategy.beta=0.2")
+    new, metrics = strategy.aggregate(1, {"w": np.array([0.0])}, fake_round(models, [40, 40, 40], extra))
     global_gap = parity_gaps(sum(counts))["sp_gap"]
     deviation = np.abs(np.array([0.0, 0.0, 1.0]) - global_gap)
     weights = np.clip(np.full(3, 1 / 3) - 0.2 * (deviation - deviation.mean()), 0, None)
     weights /= weights.sum()
     assert new["w"][0] == pytest.approx(weights @ [1.0, 2.0, 10.0])
     assert weights[2] < 1 / 3
-    fedavg = FairFed(load_config(None, ["strategy.name=fairfed", "strategy.beta=0"]),
-                     np.array([10, 30, 60]), ["w"], "")
-    same = fedavg.aggregate(1, {"w": np.array([0.0])}, fake_round(models, [10, 30, 60], extra))
+    assert metrics["fairfed_weight_max"] == pytest.approx(weights.max())
+    np.testing.assert_allclose(strategy.state["weights"], weights)  # the state the next round starts from
+    fedavg = make_method([10, 30, 60], "strategy.name=fairfed", "strategy.beta=0")
+    same, _ = fedavg.aggregate(1, {"w": np.array([0.0])}, fake_round(models, [10, 30, 60], extra))
     assert same["w"][0] == pytest.approx(0.1 * 1 + 0.3 * 2 + 0.6 * 10)  # beta = 0 is FedAvg
 
 
-def test_qffl_follows_the_paper_update():
+def test_qffl_follows_the_paper_update(make_method):
     current = {"w": np.array([1.0, -1.0])}
     models = [np.array([0.5, -0.5]), np.array([2.0, 0.0])]
     losses = [0.5, 2.0]
     lr = 0.1
     extra = [{"global_train_loss": f} for f in losses]
     for q in (0.0, 1.0, 2.0):
-        config = load_config(None, ["strategy.name=qffl", f"strategy.q={q}", f"client.lr={lr}"])
-        strategy = QFFL(config, np.array([5, 5]), ["w"], "")
-        new = strategy.aggregate(1, current, fake_round(models, [5, 5], extra))
+        strategy = make_method([5, 5], "strategy.name=qffl", f"strategy.q={q}", f"client.lr={lr}")
+        new, _ = strategy.aggregate(1, current, fake_round(models, [5, 5], extra))
         L = 1 / lr
         deltas = [L * (current["w"] - m) for m in models]
         numerator = sum(f**q * d for f, d in zip(losses, deltas, strict=True))
         h = sum((q * f ** (q - 1) * (d @ d) if q else 0.0) + L * f**q
                 for f, d in zip(losses, deltas, strict=True))
         np.testing.assert_allclose(new["w"], current["w"] - numerator / h)
-    q0 = QFFL(load_config(None, ["strategy.name=qffl", "strategy.q=0"]), np.array([5, 5]), ["w"], "")
-    np.testing.assert_allclose(q0.aggregate(1, current, fake_round(models, [5, 5], extra))["w"],
+    q0 = make_method([5, 5], "strategy.name=qffl", "strategy.q=0")
+    np.testing.assert_allclose(q0.aggregate(1, current, fake_round(models, [5, 5], extra))[0]["w"],
                                np.mean(models, axis=0))  # q = 0: the plain mean of the models
 
 
@@ -221,11 +217,12 @@ def test_parity_penalty_by_hand_and_its_gradient():
     groups = torch.tensor([1, 1, 0, 0])
     positive = torch.softmax(logits.detach(), dim=1)[:, 1]
     expected = 0.5 * abs(positive[:2].mean() - positive[2:].mean())
-    value = ParityPenalty(None, mu=0.5).penalty(None, logits, None, groups)
+    parity = ParityPenalty(ParityPenalty.Params(mu=0.5), None)
+    value = parity.penalty(None, Batch(None, logits, None, groups))
     assert value.item() == pytest.approx(expected.item())
     value.backward()
     assert logits.grad.abs().sum() > 0
-    assert ParityPenalty(None, mu=0.5).penalty(None, logits, None, torch.ones(4, dtype=torch.long)) == 0
+    assert parity.penalty(None, Batch(None, logits, None, torch.ones(4, dtype=torch.long))) == 0
 
 
 def test_roc_region_caps_accuracy_at_the_classifiers_best_operating_point():

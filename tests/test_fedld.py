@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from clients.objectives import MarginControl
 from fedsim.config import load_config
 from fedsim.decomposition import decompose
-from fedsim.engine.protocol import ClientResult
+from fedsim.method import Batch, ClientResult, RoundResult
 from fedsim.runner import run_experiment
-from strategies.base import RoundResult
-from strategies.fedld import FedLD, principal_gradient
+from strategies.fedld import MarginControl, principal_gradient
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
 
@@ -60,9 +58,8 @@ def test_principal_gradient_special_cases():
     np.testing.assert_allclose(principal_gradient(low_rank), closed_form(low_rank, 0.8), atol=1e-10)
 
 
-def test_fedld_aggregates_parameters_by_principal_gradient_and_averages_buffers():
-    config = load_config(None, ["strategy.name=fedld"])
-    strategy = FedLD(config, np.array([10, 30, 20]), ["w"], "")
+def test_fedld_aggregates_parameters_by_principal_gradient_and_averages_buffers(make_method):
+    strategy = make_method([10, 30, 20], "strategy.name=fedld")
     current = {"w": np.zeros((2, 3), np.float32), "bn.running_mean": np.zeros(2, np.float32)}
     rng = np.random.default_rng(1)
     clients = [ClientResult(i, {"num_examples": n},
@@ -71,20 +68,21 @@ def test_fedld_aggregates_parameters_by_principal_gradient_and_averages_buffers(
                for i, n in enumerate([10.0, 30.0, 20.0])]
     means = {"model": {"w": np.zeros((2, 3)), "bn.running_mean": np.full(2, (0 * 10 + 30 + 2 * 20) / 60)}}
     result = RoundResult(clients=clients, means=means)
-    new = strategy.aggregate(2, current, result)
+    new, _ = strategy.aggregate(2, current, result)
     deltas = np.stack([c.outputs["model"]["w"].ravel() for c in clients]).astype(np.float64)
     np.testing.assert_allclose(new["w"].ravel(), principal_gradient(deltas, 0.8), atol=1e-6)
     np.testing.assert_allclose(new["bn.running_mean"], means["model"]["bn.running_mean"])
-    first = strategy.aggregate(1, current, result)  # round 1: the unweighted mean, as the reference
+    first, _ = strategy.aggregate(1, current, result)  # round 1: the unweighted mean, as the reference
     np.testing.assert_allclose(first["w"], np.mean([c.outputs["model"]["w"] for c in clients], axis=0))
 
 
 def test_margin_control_is_lambda_log_one_plus_squared_frobenius_norm_of_probabilities():
-    term = MarginControl(None, lam=0.03)
+    term = MarginControl(MarginControl.Params(lam=0.03), None)
     uniform = torch.zeros(8, 4)  # B = 8 rows of uniform probabilities over C = 4: ||p||^2 = 8 / 4
-    assert term.penalty(None, uniform, None).item() == pytest.approx(0.03 * math.log(1 + 2.0))
+    assert term.penalty(None, Batch(None, uniform, None)).item() == pytest.approx(0.03 * math.log(1 + 2.0))
     confident = torch.tensor([[50.0, 0.0, 0.0, 0.0]] * 8)  # one-hot rows: ||p||^2 = 8
-    assert term.penalty(None, confident, None).item() == pytest.approx(0.03 * math.log(9.0), rel=1e-6)
+    value = term.penalty(None, Batch(None, confident, None)).item()
+    assert value == pytest.approx(0.03 * math.log(9.0), rel=1e-6)
 
 
 def test_decompose_terms_telescope_to_the_aggregate_loss():

@@ -10,14 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from clients.ggeur import augment, class_statistics, sample_around
 from fedsim.config import load_config
 from fedsim.data.federation import build_federation
 from fedsim.data.sources import load_source
 from fedsim.errors import ConfigError
 from fedsim.registry import check_config
 from fedsim.runner import run_experiment
-from strategies.ggeur import geometric_shape, pool_class_statistics, pool_sums
+from strategies.ggeur import (
+    augment,
+    class_statistics,
+    geometric_shape,
+    pool_class_statistics,
+    pool_sums,
+    sample_around,
+)
 
 
 def clients_of_one_class(seed: int) -> list[np.ndarray]:
@@ -89,8 +95,8 @@ def test_a_run_with_ggeur_tops_up_clients_and_records_the_statistics_cost(tmp_pa
                  "experiment.rounds=2", "engine.backend=inprocess", "ggeur.enabled=true",
                  "ggeur.target=30", f"output.run_dir='{tmp_path}'"]
     run_experiment(load_config(None, overrides))
-    cost = json.loads((tmp_path / "ggeur.json").read_text())
-    assert cost["clients"] == 6 and cost["statistics_phase_bytes"] > 6 * 10 * 64 * 64 * 8
+    cost = json.loads((tmp_path / "setup.json").read_text())
+    assert cost["ggeur"]["clients"] == 6 and cost["bytes_exchanged"] > 6 * 10 * 64 * 64 * 8
     clients = pd.read_parquet(tmp_path / "clients.parquet")
     fed = build_federation(load_config(None, overrides).data, 0)
     sizes = clients[clients["round"] == 1].set_index("client_id")["num_examples"]

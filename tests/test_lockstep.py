@@ -7,11 +7,17 @@ import pytest
 import torch
 
 from clients.lockstep import batch_plan, lockstep_proximal_mu, train_in_lockstep
-from clients.objectives import ObjectiveContext, Proximal
-from clients.training import LocalData, train_locally
+from clients.training import train_locally
 from fedsim.config import ClientSection, load_config
+from fedsim.data.tensors import LocalData
+from fedsim.method import ClientContext, TrainPlan
 from fedsim.models import build_model
+from fedsim.registry import build_method
 from fedsim.runner import run_experiment
+from fedsim.terms import ParityPenalty, Proximal
+from strategies.fedprox import FedProx
+from strategies.qffl import QFFL
+from strategies.scaffold import Scaffold
 
 
 def clients(sizes, dim=7, classes=4, seed=0):
@@ -39,7 +45,7 @@ def test_lockstep_equals_one_by_one(model, momentum, decay, mu):
     together = train_in_lockstep([start[n] for n in names], data, seeds, lrs, steps, settings, mus)
     for i, local in enumerate(data):
         net.load_state_dict(start)
-        terms = [Proximal(ObjectiveContext(i, start, {}, None), mus[i])] if mus[i] else []
+        terms = [Proximal(Proximal.Params(mu=mus[i]), context(start))] if mus[i] else []
         metrics = train_locally(net, local, settings, terms, seeds[i], lrs[i], steps=steps[i])
         params, lock_metrics = together[i]
         for name, value in zip(names, params, strict=True):
@@ -56,19 +62,26 @@ def test_batch_plan_covers_each_pass_once():
     assert mask.sum(dim=1).tolist() == [4, 4, 2, 4, 4, 2]
 
 
-def test_only_plain_logistic_regression_tasks_qualify():
+def context(global_arrays=None) -> ClientContext:
+    return ClientContext(0, 1, TrainPlan(), global_arrays or {}, {}, None, ClientSection(), 0.1)
+
+
+def test_only_plain_linear_relu_tasks_with_proximal_terms_qualify():
     config = load_config(None, ["model.name=logreg"])
-    prox = {"objectives": {"proximal": {"mu": 0.1}}}
-    assert lockstep_proximal_mu(config, [{}, {"lr": 0.1}], broadcast=False) == [0.0, 0.0]
-    assert lockstep_proximal_mu(config, [{}, prox], broadcast=False) == [0.0, 0.1]
-    assert lockstep_proximal_mu(config, [{}], broadcast=False) is None  # one client: nothing to batch
-    assert lockstep_proximal_mu(config, [{}, {"objectives": {"margin": {}}}], False) is None
-    assert lockstep_proximal_mu(config, [{}, {"report_global": True}], False) is None
-    assert lockstep_proximal_mu(config, [{}, {}], broadcast=True) is None
-    assert lockstep_proximal_mu(load_config(None, ["model.name=mlp"]), [{}, {}], False) == [0, 0]
-    assert lockstep_proximal_mu(load_config(None, ["model.name=cnn"]), [{}, {}], False) is None
+    fedavg = build_method(config)
+    plans, none = [TrainPlan(), TrainPlan(local_steps=3)], [[], []]
+    prox = [[], FedProx({"mu": 0.1}).loss_terms(context())]
+    assert lockstep_proximal_mu(config, [fedavg], plans, none) == [0.0, 0.0]
+    assert lockstep_proximal_mu(config, [FedProx({"mu": 0.1})], plans, prox) == [0.0, 0.1]
+    assert lockstep_proximal_mu(config, [fedavg], plans[:1], none[:1]) is None  # one client
+    parity = [[], [ParityPenalty(ParityPenalty.Params(), context())]]
+    assert lockstep_proximal_mu(config, [fedavg], plans, parity) is None  # another loss term
+    assert lockstep_proximal_mu(config, [QFFL()], plans, none) is None  # reports the global model
+    assert lockstep_proximal_mu(config, [Scaffold()], plans, none) is None  # after-training hook
+    assert lockstep_proximal_mu(load_config(None, ["model.name=mlp"]), [fedavg], plans, none) == [0, 0]
+    assert lockstep_proximal_mu(load_config(None, ["model.name=cnn"]), [fedavg], plans, none) is None
     assert lockstep_proximal_mu(load_config(None, ["model.name=logreg", "engine.lockstep=false"]),
-                                [{}, {}], False) is None
+                                [fedavg], plans, none) is None
 
 
 def test_simulation_with_and_without_lockstep_agree(tmp_path, monkeypatch):

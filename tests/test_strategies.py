@@ -1,36 +1,26 @@
-"""Strategy math against hand-computed closed forms, and packing/unpacking invariants."""
+"""Method math against hand-computed closed forms, and packing/unpacking invariants."""
 
-import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from clients.objectives import ControlVariates, ObjectiveContext, Proximal
-from clients.state import ClientStateStore
-from fedsim.config import load_config
-from fedsim.engine.packing import pack_balanced
-from fedsim.engine.protocol import ClientResult, WorkerResult, encode_result
+from fedsim.config import ClientSection, load_config
+from fedsim.engine.protocol import WorkerResult, encode_result
+from fedsim.engine.server import RoundLog
+from fedsim.engine.strategy import FedsimStrategy
 from fedsim.errors import FedsimError
-from fedsim.registry import build_strategy
-from strategies.base import RoundResult
+from fedsim.method import ClientContext, ClientResult, RoundResult, RunInfo, TrainPlan
+from fedsim.registry import build_method
+from fedsim.terms import Proximal
+from strategies.scaffold import ControlCorrection, Scaffold
 
 
-def make(name: str, *overrides: str, sizes=(10, 20, 30, 40)):
+def make(name: str, *overrides: str, sizes=(10, 20, 30, 40), **placement) -> FedsimStrategy:
+    """The engine's strategy around method `name`, as a run builds it."""
     config = load_config(None, [f"strategy.name={name}", *overrides])
-    return build_strategy(config, np.array(sizes), ["w"], run_dir="")
-
-
-def test_packing_assigns_every_client_once_and_balances_load():
-    sizes = np.array([50, 10, 40, 30, 20, 60, 5])
-    bins = pack_balanced(range(7), sizes, 3)
-    assert sorted(itertools.chain(*bins)) == list(range(7))
-    loads = [sizes[b].sum() for b in bins]
-    best = min(max(sizes[[c for c in range(7) if a[c] == k]].sum() for k in range(3))
-               for a in itertools.product(range(3), repeat=7))
-    assert max(loads) <= 4 / 3 * best  # the LPT guarantee, checked against brute force
-    assert pack_balanced(range(7), sizes, 3) == bins
-    assert pack_balanced([1], sizes, 3) == [[1], [], []]
+    run = RunInfo(["w"], np.array(sizes), config.client, config.experiment.seed)
+    return FedsimStrategy(config, build_method(config, run), [], np.array(sizes), RoundLog(), **placement)
 
 
 def reply(clients: dict[int, tuple[float, np.ndarray]], reduce: bool):
@@ -48,30 +38,32 @@ def reply(clients: dict[int, tuple[float, np.ndarray]], reduce: bool):
 
 @pytest.mark.parametrize("reduce", [True, False])
 def test_fedavg_is_the_sample_weighted_mean_in_any_arrival_order(reduce):
-    strategy = make("fedavg")
-    strategy.per_client_updates = not reduce
-    strategy.current = {"w": np.zeros(3, np.float32)}
+    strategy = make("fedavg", f"evaluation.decomposition={str(not reduce).lower()}")
+    assert strategy.replies_per_client == (not reduce)
+    strategy._current = {"w": np.zeros(3, np.float32)}
     models = {c: np.random.default_rng(c).normal(size=3).astype(np.float32) for c in range(4)}
     sizes = {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0}
     replies = [([0, 3], reply({0: (10.0, models[0]), 3: (40.0, models[3])}, reduce), ""),
                ([1, 2], reply({1: (20.0, models[1]), 2: (30.0, models[2])}, reduce), "")]
     expected = sum(sizes[c] * models[c].astype(np.float64) for c in range(4)) / 100.0
-    new, metrics = strategy.finish_train(1, replies)
-    new_reversed, _ = strategy.finish_train(1, replies[::-1])
+    result = strategy.unpack(replies)
+    new, _ = strategy.method.aggregate(1, strategy._current, result)
+    new_reversed, _ = strategy.method.aggregate(1, strategy._current, strategy.unpack(replies[::-1]))
     np.testing.assert_allclose(new["w"], expected, rtol=1e-6)
     np.testing.assert_array_equal(new["w"], new_reversed["w"])
-    assert [c.client_id for c in strategy.last_train.clients] == [0, 1, 2, 3]
-    assert new["w"].dtype == np.float32 and metrics["num_clients"] == 4
+    assert [c.client_id for c in result.clients] == [0, 1, 2, 3]
+    assert new["w"].dtype == np.float32
 
 
 def test_worker_failure_marks_its_clients_failed_and_the_round_goes_on():
     strategy = make("fedavg")
-    strategy.current = {"w": np.zeros(2, np.float32)}
+    strategy._current = {"w": np.zeros(2, np.float32)}
     replies = [([0, 1], None, "worker error: boom"),
                ([2], reply({2: (5.0, np.ones(2, np.float32))}, True), "")]
-    new, metrics = strategy.finish_train(1, replies)
+    result = strategy.unpack(replies)
+    new, _ = strategy.method.aggregate(1, strategy._current, result)
     np.testing.assert_allclose(new["w"], 1.0)
-    assert metrics["num_failures"] == 2 and set(strategy.last_train.failures) == {0, 1}
+    assert set(result.failures) == {0, 1} and [c.client_id for c in result.clients] == [2]
 
 
 def result_with_mean(mean: np.ndarray) -> RoundResult:
@@ -87,7 +79,7 @@ def test_fedavgm_matches_the_momentum_recursion():
         delta = np.array(target) - w
         v = 0.9 * v + delta
         expected = w + 0.5 * v
-        w = strategy.aggregate(1, {"w": w}, result_with_mean(np.array(target)))["w"]
+        w = strategy.method.aggregate(1, {"w": w}, result_with_mean(np.array(target)))[0]["w"]
         np.testing.assert_allclose(w, expected)
 
 
@@ -102,39 +94,80 @@ def test_fedopt_matches_the_paper_updates(name):
         v = (b2 * v + (1 - b2) * d**2 if name == "fedadam"
              else v - (1 - b2) * d**2 * np.sign(v - d**2))
         expected = w + eta * m / (np.sqrt(v) + tau)
-        w = strategy.aggregate(1, {"w": w}, result_with_mean(np.array(target)))["w"]
+        w = strategy.method.aggregate(1, {"w": w}, result_with_mean(np.array(target)))[0]["w"]
         np.testing.assert_allclose(w, expected)
 
 
-def test_proximal_and_control_variate_terms_have_the_right_gradients(tmp_path):
+class DictStore:
+    """A client store in a dict (what `ctx.store` offers a method)."""
+
+    def __init__(self):
+        self.saved = {}
+
+    def load(self, name):
+        return self.saved.get(name)
+
+    def save(self, name, arrays):
+        self.saved[name] = arrays
+
+
+def scaffold_context(model, anchor, server_c, store, lr=0.1) -> ClientContext:
+    return ClientContext(0, 1, TrainPlan(), anchor, server_c, store, ClientSection(), lr)
+
+
+def test_proximal_and_control_variate_terms_have_the_right_gradients():
     model = torch.nn.Linear(3, 2)
     anchor = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    server_c = {f"control.{n}": torch.randn_like(p) for n, p in model.named_parameters()}
-    ctx = ObjectiveContext(0, anchor, server_c, ClientStateStore(tmp_path))
-    logits, y = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
-    Proximal(ctx, mu=0.3).penalty(model, logits, y).backward()
+    server_c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    ctx = scaffold_context(model, anchor, server_c, DictStore())
+    Proximal(Proximal.Params(mu=0.3), ctx).penalty(model, None).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - anchor[n]))
     model.zero_grad()
-    ControlVariates(ctx).penalty(model, logits, y).backward()
+    Scaffold().loss_terms(ctx)[0].penalty(model, None).backward()
     for n, p in model.named_parameters():  # no stored c_i yet: the correction is c itself
-        torch.testing.assert_close(p.grad, server_c[f"control.{n}"])
+        torch.testing.assert_close(p.grad, server_c[n])
+
+
+def test_scaffold_client_update_is_option_two_and_kept_as_client_state():
+    model = torch.nn.Linear(3, 2)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    server_c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    own = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    store = DictStore()
+    store.save("control", {n: t.numpy() for n, t in own.items()})
+    ctx = scaffold_context(model, anchor, server_c, store, lr=0.05)
+    term = Scaffold().loss_terms(ctx)[0]
+    assert isinstance(term, ControlCorrection)
+    for n in own:  # the correction is c - c_i
+        torch.testing.assert_close(term.correction[n], server_c[n] - own[n])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+    ctx.steps = 4
+    update = Scaffold().after_training(ctx, model)
+    for n, p in model.named_parameters():
+        new = own[n] - server_c[n] + (anchor[n] - p.detach()) / (4 * 0.05)
+        np.testing.assert_allclose(store.saved["control"][n], new.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(update.outputs["control_delta"][n], (new - own[n]).numpy(), rtol=1e-5)
 
 
 def test_scaffold_server_update_follows_the_paper():
     strategy = make("scaffold", sizes=(10,) * 8)
-    strategy.current = {"w": np.zeros(2, np.float32)}
-    strategy.broadcast(1)
+    method = strategy.method
+    current = {"w": np.zeros(2, np.float32)}
+    np.testing.assert_array_equal(method.broadcast(1, current)["w"], [0.0, 0.0])
     result = RoundResult(clients=[ClientResult(c, {"num_examples": 1.0}) for c in range(2)],
                          means={"model": {"w": np.array([1.0, 2.0], np.float32)},
                                 "control_delta": {"w": np.array([4.0, -8.0], np.float32)}})
-    new = strategy.aggregate(1, strategy.current, result)
+    new, _ = method.aggregate(1, current, result)
     np.testing.assert_allclose(new["w"], [1.0, 2.0])
-    np.testing.assert_allclose(strategy.control["w"], [1.0, -2.0])  # |S|/N = 2/8
+    np.testing.assert_allclose(method.state["w"], [1.0, -2.0])  # |S|/N = 2/8
+    np.testing.assert_allclose(method.broadcast(2, new)["w"], [1.0, -2.0])
 
 
 def test_cohorts_are_seeded_per_round():
-    a, b = make("fedavg", sizes=(10,) * 100), make("fedavg", sizes=(10,) * 100)
+    a, b = make("fedavg", sizes=(10,) * 100).sampler, make("fedavg", sizes=(10,) * 100).sampler
     assert a.sample_cohort(3) == b.sample_cohort(3)
     assert a.sample_cohort(3) != a.sample_cohort(4)
     assert len(a.sample_cohort(3)) == 10 and len(set(a.sample_cohort(3))) == 10
@@ -151,12 +184,13 @@ class FakeGrid:
 
 
 def test_deployed_sampling_skips_offline_nodes_and_stops_below_the_minimum():
-    strategy = make("fedavg", "strategy.clients_per_round=3", "strategy.min_available_clients=2")
-    strategy.placement = {0: 100, 1: 101, 2: 102, 3: 103}
+    strategy = make("fedavg", "strategy.clients_per_round=3", "strategy.min_available_clients=2",
+                    placement={0: 100, 1: 101, 2: 102, 3: 103})
     strategy.update_availability(FakeGrid([100, 101, 102, 103]))
-    assert strategy.sample_cohort(5) == make("fedavg", "strategy.clients_per_round=3").sample_cohort(5)
+    plain = make("fedavg", "strategy.clients_per_round=3").sampler
+    assert strategy.sampler.sample_cohort(5) == plain.sample_cohort(5)
     strategy.update_availability(FakeGrid([101, 103]))
-    assert strategy.available == [1, 3] and strategy.sample_cohort(5) == [1, 3]
+    assert strategy.sampler.available == [1, 3] and strategy.sampler.sample_cohort(5) == [1, 3]
     with pytest.raises(FedsimError, match="min_available_clients = 2"):
         strategy.update_availability(FakeGrid([103]))
 
@@ -168,16 +202,15 @@ def test_superlink_error_replies_fail_the_clients_of_the_message_they_answer(mon
 
     for name, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", 1)):  # as inside a run
         monkeypatch.setattr(TaskIdentity, name, value)
-    strategy = make("fedavg")
-    strategy.placement = {0: 100, 1: 101}
-    tasks = strategy.plan(1, {"w": np.zeros(2, np.float32)}, [0, 1], 2, train=True)
-    messages = strategy._messages(tasks, FakeGrid([100, 101]), "train", 1)
+    strategy = make("fedavg", placement={0: 100, 1: 101})
+    tasks = strategy.tasks(1, {"w": np.zeros(2, np.float32)}, [0, 1], 2, train=True)
+    messages = strategy.messages(tasks, FakeGrid([100, 101]), "train", 1)
     for number, message in enumerate(messages):  # what the grid does when it pushes them
         message.metadata.__dict__["_message_id"] = f"m{number}"
     assert [m.metadata.dst_node_id for m in messages] == [100, 101]
     unavailable = SimpleNamespace(  # written by the SuperLink itself (node id 1) for node 101
         metadata=SimpleNamespace(reply_to_message_id="m1", src_node_id=1),
         has_error=lambda: True, error=SimpleNamespace(reason="node unavailable"))
-    replies = strategy._replies([unavailable])
+    replies = strategy.replies([unavailable])
     assert ([1], None, "worker error: node unavailable") in replies
     assert ([0], None, "no reply within engine.timeout") in replies

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.training import LeanSGD, LocalData, train_locally
+from clients.training import LeanSGD, train_locally
 from fedsim.config import ClientSection
+from fedsim.data.tensors import LocalData
 
 
 def small_model(seed: int) -> nn.Module:

@@ -34,8 +34,8 @@ class NodeHost:
         model = build_model(config.model, tuple(info["input_shape"]), int(info["num_classes"]),
                             config.experiment.seed).to(device)
         node = self.node(config).shaped(tuple(info["input_shape"]))
-        return Resident(node, model, device, None, int(info["num_classes"]),
-                        int(info["num_groups"]))
+        return Resident(node, model, device, None, int(info["num_classes"]), int(info["num_groups"]),
+                        config.model, tuple(info["input_shape"]), config.experiment.seed)
 
     def state_store(self, task: Task) -> StateStore:
         return RecordStateStore(self.context.state)

@@ -99,9 +99,9 @@ def run_deployment(config: ExperimentConfig, grid: Grid,
                  "num_groups": max(roster.num_groups, evaluator.num_groups)}
 
     def start(strategy, loop) -> None:
-        strategy.placement, strategy.data_info = roster.node_of, data_info
         loop(GridTransport(strategy, grid, config.engine.timeout, PULL_INTERVAL))
 
     counts = np.pad(roster.label_counts, ((0, 0), (0, num_classes - roster.num_classes)))
     return execute(config, evaluator, roster.sizes, counts, start, progress,
-                   where=f"{len(roster.node_of)} SuperNodes")
+                   where=f"{len(roster.node_of)} SuperNodes",
+                   placement={"placement": roster.node_of, "data_info": data_info})

@@ -1,9 +1,9 @@
 """The packed message format: one message per worker carries many virtual clients.
 
-Server -> worker (`encode_task`): the global arrays once, arrays broadcast to every client, and
-for each client its id, its config and optional arrays of its own. Worker -> server
-(`encode_result`): per client its metrics and either its output arrays, or (when the strategy
-only needs weighted sums) one pre-aggregated sum per output for the whole worker.
+Server -> worker (`encode_task`): the global arrays once, the arrays each method and add-on
+broadcasts, and for each client its id, its plan and (in simulation) its saved state. Worker ->
+server (`encode_result`): per client its metrics, its new state, and either its output arrays or
+(when the method only needs weighted sums) one pre-aggregated sum per output for the worker.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-Arrays = dict[str, np.ndarray]
+from fedsim.method import Arrays, ClientResult
+
+SEPARATOR = "::"  # joins a named group and an array name into one record key
 
 # How a worker weights each client's output when pre-aggregating ("examples" or "uniform").
 WEIGHTINGS = ("examples", "uniform")
@@ -23,11 +25,11 @@ WEIGHTINGS = ("examples", "uniform")
 
 @dataclass
 class ClientTask:
-    """What one virtual client is told this round."""
+    """What one virtual client is told this round: its plan and (simulation) its saved state."""
 
     client_id: int
-    config: dict[str, Any] = field(default_factory=dict)
-    arrays: Arrays = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Arrays] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,19 +40,9 @@ class Task:
     experiment: dict[str, Any]
     global_arrays: Arrays
     clients: list[ClientTask]
-    broadcast: Arrays = field(default_factory=dict)
+    broadcast: dict[str, Arrays] = field(default_factory=dict)  # per method / add-on
     reduce: dict[str, str] | None = None  # output -> weighting; None: reply per client
-    run_dir: str = ""
     data_info: dict[str, Any] = field(default_factory=dict)  # deployment: input_shape, classes
-
-
-@dataclass
-class ClientResult:
-    """One client's reply: metrics (always) and output arrays (unless pre-aggregated)."""
-
-    client_id: int
-    metrics: dict[str, float]
-    outputs: dict[str, Arrays] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,42 +65,51 @@ def from_record(record: ArrayRecord) -> Arrays:
     return {key: array.numpy() for key, array in record.items()}
 
 
+def to_grouped_record(groups: dict[str, Arrays]) -> ArrayRecord:
+    """Named groups of named arrays as one ArrayRecord (keys `group::array`)."""
+    return to_record({f"{g}{SEPARATOR}{k}": v for g, arrays in groups.items() for k, v in arrays.items()})
+
+
+def from_grouped_record(record: ArrayRecord) -> dict[str, Arrays]:
+    groups: dict[str, Arrays] = {}
+    for key, value in from_record(record).items():
+        group, _, name = key.partition(SEPARATOR)
+        groups.setdefault(group, {})[name] = value
+    return groups
+
+
 def encode_task(task: Task) -> RecordDict:
     content = RecordDict()
     content["global"] = to_record(task.global_arrays)
-    content["broadcast"] = to_record(task.broadcast)
+    content["broadcast"] = to_grouped_record(task.broadcast)
     content["task"] = ConfigRecord({
         "round": task.round,
         "experiment": json.dumps(task.experiment),
         "client_ids": [c.client_id for c in task.clients],
-        "client_configs": json.dumps([c.config for c in task.clients]),
+        "plans": json.dumps([c.plan for c in task.clients]),
         "reduce": json.dumps(task.reduce),
-        "run_dir": task.run_dir,
         "data_info": json.dumps(task.data_info),
     })
     for client in task.clients:
-        if client.arrays:
-            content[f"client.{client.client_id}"] = to_record(client.arrays)
+        if client.state:
+            content[f"state.{client.client_id}"] = to_grouped_record(client.state)
     return content
 
 
 def decode_task(content: RecordDict) -> Task:
     meta = content["task"]
     ids = [int(i) for i in meta["client_ids"]]
-    configs = json.loads(meta["client_configs"])
-    clients = [
-        ClientTask(cid, cfg, from_record(content[f"client.{cid}"])
-                   if f"client.{cid}" in content else {})
-        for cid, cfg in zip(ids, configs, strict=True)
-    ]
+    plans = json.loads(meta["plans"])
+    clients = [ClientTask(cid, plan, from_grouped_record(content[f"state.{cid}"])
+                          if f"state.{cid}" in content else {})
+               for cid, plan in zip(ids, plans, strict=True)]
     return Task(
         round=int(meta["round"]),
         experiment=json.loads(meta["experiment"]),
         global_arrays=from_record(content["global"]),
         clients=clients,
-        broadcast=from_record(content["broadcast"]),
+        broadcast=from_grouped_record(content["broadcast"]),
         reduce=json.loads(meta["reduce"]),
-        run_dir=str(meta["run_dir"]),
         data_info=json.loads(meta["data_info"]),
     )
 
@@ -120,6 +121,8 @@ def encode_result(result: WorkerResult) -> RecordDict:
         content[f"metrics.{client.client_id}"] = MetricRecord(client.metrics)
         for name, arrays in client.outputs.items():
             content[f"output.{client.client_id}.{name}"] = to_record(arrays)
+        if client.state:
+            content[f"state.{client.client_id}"] = to_grouped_record(client.state)
     for name, arrays in result.sums.items():
         content[f"sum.{name}"] = to_record(arrays)
     content["weights"] = MetricRecord(result.weights)
@@ -132,6 +135,7 @@ def decode_result(content: RecordDict) -> WorkerResult:
         weights={k: float(v) for k, v in content["weights"].items()},
     )
     outputs: dict[int, dict[str, Arrays]] = {}
+    states: dict[int, dict[str, Arrays]] = {}
     for key, record in content.items():
         kind, _, rest = key.partition(".")
         if kind == "sum":
@@ -139,11 +143,14 @@ def decode_result(content: RecordDict) -> WorkerResult:
         elif kind == "output":
             cid, _, name = rest.partition(".")
             outputs.setdefault(int(cid), {})[name] = from_record(record)
+        elif kind == "state":
+            states[int(rest)] = from_grouped_record(record)
     for key, record in content.items():
         kind, _, cid = key.partition(".")
         if kind == "metrics":
             metrics = {k: float(v) for k, v in record.items()}
-            result.clients.append(ClientResult(int(cid), metrics, outputs.get(int(cid), {})))
+            result.clients.append(ClientResult(int(cid), metrics, outputs.get(int(cid), {}),
+                                               states.get(int(cid), {})))
     return result
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -12,13 +12,26 @@ import torch
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import Federation
-from fedsim.engine.protocol import Arrays, ClientResult
+from fedsim.errors import FedsimError
 from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import group_confusion, parity_gaps
+from fedsim.method import Arrays, ClientResult, RoundResult
 from fedsim.models import build_model
 from fedsim.results import RunWriter
 
 ProgressCallback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class RoundLog:
+    """The unpacked client results of the latest training and evaluation exchange, as the
+    strategy reports them (its listener)."""
+
+    train: RoundResult = field(default_factory=RoundResult)
+    evaluate: RoundResult = field(default_factory=RoundResult)
+
+    def __call__(self, kind: str, server_round: int, result: RoundResult) -> None:
+        setattr(self, kind, result)
 
 
 class RoundTransport(Protocol):
@@ -83,7 +96,7 @@ def client_rows(server_round: int, train: list[ClientResult], evaluated: list[Cl
     return [rows[cid] for cid in sorted(rows)]
 
 
-def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: Any,
+def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLog,
                evaluator: CentralEvaluator, writer: RunWriter,
                progress: ProgressCallback | None = None,
                decomposer: Callable[[int, list[ClientResult], Arrays], dict[str, float]] | None = None,
@@ -102,7 +115,7 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: An
         if new is not None:
             arrays = new
             if decomposer is not None and (rnd % every == 0 or rnd == rounds):
-                row.update(decomposer(rnd, strategy.last_train.clients, arrays))
+                row.update(decomposer(rnd, log.train.clients, arrays))
         else:
             writer.log(f"round {rnd}: no client succeeded; global model unchanged")
         evaluated, eval_sent = [], 0
@@ -110,18 +123,22 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, strategy: An
                                                       or rnd == rounds):
             eval_row, eval_sent = transport.evaluate(rnd, arrays)
             row.update(eval_row)
-            evaluated = strategy.last_evaluate.clients
+            evaluated = log.evaluate.clients
         if rnd % every == 0 or rnd == rounds:
             row.update(evaluator(arrays))
         row.update({"round": rnd, "seconds": time.perf_counter() - started,
                     "bytes_exchanged": float(sent + eval_sent)})
-        failures = {**strategy.last_train.failures}
+        failures = {**log.train.failures}
         for cid, error in failures.items():
             writer.log(f"round {rnd}: client {cid} failed: {error}")
-        writer.add_round(row, client_rows(rnd, strategy.last_train.clients, evaluated, failures,
-                                          strategy.last_train.skipped))
+        writer.add_round(row, client_rows(rnd, log.train.clients, evaluated, failures,
+                                          log.train.skipped))
         if progress is not None:
             progress(rnd, row)
+        if failures and not log.train.clients:
+            cid, error = next(iter(failures.items()))
+            raise FedsimError(f"round {rnd}: every client failed ({len(failures)}), e.g. client "
+                              f"{cid}: {error}; rounds 0-{rnd} are in {writer.run_dir}")
     if config.output.save_model:
         writer.save_model(arrays)
     return arrays

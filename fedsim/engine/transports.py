@@ -1,24 +1,17 @@
-"""How a round's packed tasks reach the workers: Flower's grid (Ray), or direct calls."""
+"""How a round's packed messages reach the workers and come back, through a Flower Grid (Ray's,
+the SuperLink's, or the in-process one)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from fedsim.engine.protocol import (
-    Arrays,
-    ClientResult,
-    content_bytes,
-    encode_task,
-    from_record,
-    to_record,
-)
+from fedsim.engine.protocol import content_bytes, from_record, to_record
+from fedsim.engine.strategy import FedsimStrategy
 from fedsim.errors import FedsimError
-
-Handler = Callable[[RecordDict], RecordDict]
+from fedsim.method import Arrays
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float = 120.0) -> list[int]:
@@ -50,9 +43,11 @@ def send_and_receive(grid: Grid, messages: list, timeout: float, pull_interval: 
 
 
 class GridTransport:
-    """Sends the strategy's Flower messages through a Grid and hands the replies back to it."""
+    """Drives the fedsim strategy through a Grid, the same way for every backend: configure,
+    push, pull the replies, aggregate (Flower's message-API calls, nothing private)."""
 
-    def __init__(self, strategy, grid: Grid, timeout: float, pull_interval: float = 0.01) -> None:
+    def __init__(self, strategy: FedsimStrategy, grid: Grid, timeout: float,
+                 pull_interval: float = 0.01) -> None:
         self.strategy, self.grid, self.timeout = strategy, grid, timeout
         self.pull_interval = pull_interval
 
@@ -77,49 +72,7 @@ class GridTransport:
         replies, size = self._exchange(messages)
         return dict(self.strategy.aggregate_evaluate(server_round, replies)), size
 
-    def query(self, action: str, cohort: list[int]) -> tuple[list[ClientResult], int]:
-        """One exchange of message type `query.<action>` with every client of `cohort`."""
-        nodes = len(list(self.grid.get_node_ids()))
-        tasks = self.strategy.plan(0, {}, cohort, nodes, train=False)
-        replies, size = self._exchange(self.strategy._messages(tasks, self.grid, f"query.{action}", 0))
-        return self.strategy.unpack(self.strategy._replies(replies)).clients, size
-
-
-class InProcessTransport:
-    """Runs the workers' handlers in this process, one task after another (no Ray, no Flower
-    messages): the reference loop for parity checks and debugging."""
-
-    def __init__(self, strategy, workers: int, train_handler: Handler,
-                 evaluate_handler: Handler, query_handlers: dict[str, Handler] | None = None) -> None:
-        self.strategy, self.workers = strategy, workers
-        self.handlers = {True: train_handler, False: evaluate_handler, **(query_handlers or {})}
-
-    def _run(self, server_round: int, arrays: Arrays, cohort: list[int], train: bool,
-             handler: str | None = None):
-        replies, size = [], 0
-        for task in self.strategy.plan(server_round, arrays, cohort, self.workers, train):
-            content = encode_task(task)
-            ids = [c.client_id for c in task.clients]
-            try:
-                reply = self.handlers[train if handler is None else handler](content)
-            except Exception as exc:
-                replies.append((ids, None, f"worker error: {type(exc).__name__}: {exc}"))
-                continue
-            size += content_bytes(content) + content_bytes(reply)
-            replies.append((ids, reply, ""))
-        return replies, size
-
-    def train(self, server_round: int, arrays: Arrays) -> tuple[Arrays | None, dict, int]:
-        replies, size = self._run(server_round, arrays, self.strategy.train_cohort(server_round),
-                                  True)
-        new, metrics = self.strategy.finish_train(server_round, replies)
-        return new, metrics, size
-
-    def evaluate(self, server_round: int, arrays: Arrays) -> tuple[dict, int]:
-        cohort = self.strategy.evaluation_cohort(server_round)
-        replies, size = self._run(server_round, arrays, cohort, False)
-        return self.strategy.finish_evaluate(replies), size
-
-    def query(self, action: str, cohort: list[int]) -> tuple[list[ClientResult], int]:
-        replies, size = self._run(0, {}, cohort, False, handler=action)
-        return self.strategy.unpack(replies).clients, size
+    def setup(self) -> tuple[dict, int]:
+        """The setup phase: every client reports once to the components that ask."""
+        replies, size = self._exchange(self.strategy.configure_setup(self.grid))
+        return self.strategy.aggregate_setup(replies), size

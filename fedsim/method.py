@@ -1,0 +1,242 @@
+"""The method unit: one federated method, both halves in one class a reader reads top to bottom.
+
+A `Method` holds its parameters (a pydantic `Params` model), what each client is told (a typed
+`Plan`), its client half (extra loss terms, a hook on the training data before local training,
+what it sends back and keeps per client after it) and its server half (`aggregate(current,
+result) -> (arrays, metrics)`). The engine runs the server half on the server and, from the same
+class, the client half on every worker or node. A method's only memory between rounds is
+`self.state` (named arrays: server optimizer moments, control variates, fairness weights), so
+the engine can see and save all of it. An `AddOn` (GGEUR) has the client half and an optional
+setup phase but no aggregation, and runs beside any method.
+
+    class FedProx(FedAvg):
+        class Params(NoParams):
+            mu: float = 0.01
+        def loss_terms(self, ctx):
+            return [Proximal(Proximal.Params(mu=self.params.mu), ctx)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from fedsim.data.tensors import LocalData
+
+if TYPE_CHECKING:
+    from fedsim.config import ClientSection
+
+Arrays = dict[str, np.ndarray]
+Weighting = Literal["examples", "uniform"]  # how a client's output is weighted in the mean
+
+
+class NoParams(BaseModel):
+    """Parameters: none. Subclass it to declare a method's, an add-on's or a loss term's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainPlan(BaseModel):
+    """What one client is told for a round; a method subclasses it to tell more."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    local_steps: int | None = None  # a straggler's reduced work (the system model's); None: planned
+
+
+class ClientStore(Protocol):
+    """One client's persistent state for one method, by name (kept between its rounds)."""
+
+    def load(self, name: str) -> Arrays | None:
+        ...
+
+    def save(self, name: str, arrays: Arrays) -> None:
+        ...
+
+
+@dataclass
+class ClientContext:
+    """What a method's client half sees for one client in one round."""
+
+    client_id: int
+    server_round: int
+    plan: TrainPlan
+    global_arrays: dict[str, torch.Tensor]  # the received global model (its state dict)
+    broadcast: dict[str, torch.Tensor]  # the arrays this method's `broadcast` sent
+    store: ClientStore
+    settings: ClientSection  # the experiment's local-training settings
+    lr: float
+    seed: int = 0  # the experiment's seed
+    num_classes: int = 0
+    steps: int = 0  # local steps taken, known after training
+    model_factory: Callable[[], nn.Module] | None = None  # a fresh model of the run's architecture
+    cache: dict[Any, Any] = field(default_factory=dict)  # per-process scratch for work that depends
+    # only on its inputs (a speed-up in simulation; empty for every message when deployed)
+
+
+@dataclass
+class Batch:
+    """One training batch as a loss term sees it."""
+
+    inputs: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    groups: torch.Tensor | None = None  # sensitive groups, when the dataset has them
+
+
+class LossTerm:
+    """A term added to every batch's cross-entropy loss on a client (its `Params` checked before
+    the run starts when it is named in `client.objectives`)."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    needs_groups: ClassVar[bool] = False  # reads the batch's sensitive groups
+
+    def __init__(self, params: BaseModel, ctx: ClientContext) -> None:
+        self.params = params
+        self.ctx = ctx
+
+    def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class ClientUpdate:
+    """What a client half adds to its reply after training: output arrays and metrics."""
+
+    outputs: dict[str, Arrays] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    """One client's reply: metrics (always), output arrays (unless pre-aggregated) and the
+    per-client state its methods saved this round."""
+
+    client_id: int
+    metrics: dict[str, float]
+    outputs: dict[str, Arrays] = field(default_factory=dict)
+    state: dict[str, Arrays] = field(default_factory=dict)
+
+
+@dataclass
+class RoundResult:
+    """A round's replies, unpacked: clients sorted by id, failures, and weighted mean outputs."""
+
+    clients: list[ClientResult] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    means: dict[str, Arrays] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)  # sampled but dropped out or timed out
+
+    @property
+    def num_examples(self) -> float:
+        return sum(c.metrics.get("num_examples", 0.0) for c in self.clients)
+
+    def weighted_metric(self, name: str, weight: str = "num_examples") -> float:
+        """Mean of a client metric weighted by another (NaN when no client reported it)."""
+        pairs = [(c.metrics[name], c.metrics.get(weight, 1.0)) for c in self.clients
+                 if name in c.metrics and np.isfinite(c.metrics[name])]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
+
+    def stacked(self, name: str, output: str = "model") -> np.ndarray:
+        """Every client's `output` array `name`, stacked in client order (float64)."""
+        return np.stack([c.outputs[output][name].astype(np.float64) for c in self.clients])
+
+
+@dataclass
+class RunInfo:
+    """What the server half knows of the run: trainable parameter names, client sizes, the local
+    training settings and the seed."""
+
+    param_names: list[str]
+    client_sizes: np.ndarray
+    settings: ClientSection
+    seed: int = 0
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_sizes)
+
+
+class Component:
+    """What methods and add-ons share: parameters, server state, broadcast and the client half."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    needs_groups: ClassVar[bool] = False  # needs a dataset with a sensitive attribute
+
+    def __init__(self, params: BaseModel | dict[str, Any] | None = None,
+                 run: RunInfo | None = None) -> None:
+        """`run` is given on the server; a worker builds the client half without it."""
+        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
+        self.run = run
+        self.state: Arrays = {}
+
+    @classmethod
+    def label(cls) -> str:
+        return cls.name or cls.__name__
+
+    # ---- server half ------------------------------------------------------------------------
+    def broadcast(self, server_round: int, current: Arrays) -> Arrays:
+        """Arrays every training message carries once for all its clients (a control variate)."""
+        return {}
+
+    # ---- client half ------------------------------------------------------------------------
+    def training_data(self, ctx: ClientContext, data: LocalData) -> LocalData:
+        """The data the client trains on this round (GGEUR tops its classes up)."""
+        return data
+
+    def loss_terms(self, ctx: ClientContext) -> list[LossTerm]:
+        """Terms added to the loss of every local batch."""
+        return []
+
+    def after_training(self, ctx: ClientContext, model: nn.Module) -> ClientUpdate:
+        """After local training: extra outputs and metrics to send, state to keep in ctx.store."""
+        return ClientUpdate()
+
+    # ---- setup phase (once, before round 1) ---------------------------------------------------
+    def client_setup(self, ctx: ClientContext, data: LocalData) -> Arrays:
+        """What a client reports in the setup phase (GGEUR's class statistics)."""
+        raise NotImplementedError
+
+    def server_setup(self, reports: dict[int, Arrays]) -> dict[str, Any]:
+        """Pool the clients' setup reports into `self.state`; returns a summary to record."""
+        raise NotImplementedError
+
+    @property
+    def has_setup_phase(self) -> bool:
+        return overrides(self, Component, "client_setup")
+
+
+class Method(Component):
+    """A federated method. The default is FedAvg: plain local training, sample-weighted mean."""
+
+    Plan: ClassVar[type[TrainPlan]] = TrainPlan
+    outputs: ClassVar[dict[str, Weighting]] = {"model": "examples"}  # what clients send back
+    per_client_updates: ClassVar[bool] = False  # aggregate needs every client's outputs
+    evaluates_global: ClassVar[bool] = False  # clients report the global model on their data first
+
+    def plan(self, server_round: int, client_id: int, local_steps: int | None) -> TrainPlan:
+        """What client `client_id` is told this round."""
+        return self.Plan(local_steps=local_steps)
+
+    def aggregate(self, server_round: int, current: Arrays,
+                  result: RoundResult) -> tuple[Arrays, dict[str, float]]:
+        """New global arrays and this method's metrics for the round."""
+        return result.means["model"], {}
+
+
+class AddOn(Component):
+    """A client-side technique that runs beside any method (configured in its own section)."""
+
+
+def overrides(obj: object, base: type, name: str) -> bool:
+    """Whether `obj`'s class replaces `base`'s method `name`."""
+    return getattr(type(obj), name) is not getattr(base, name)

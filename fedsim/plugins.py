@@ -1,0 +1,99 @@
+"""Bring your own: load a user's strategy, model, dataset or loss term named by an import string,
+`"package.module:Name"` or `"path/to/file.py:Name"`, or registered directly from Python."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedsim.errors import ConfigError
+
+_DIRECT: dict[str, Any] = {}  # objects handed over in this process by the Python API
+
+
+def is_plugin(name: str) -> bool:
+    """Whether a name is an import string rather than a built-in name."""
+    return ":" in name and not name.startswith("flwr:")
+
+
+def register(obj: Any) -> str:
+    """The import string of a class or function passed from Python: its module and name when a
+    worker process can import it, else a name valid in this process only (in-process backend)."""
+    module, qualname = getattr(obj, "__module__", ""), getattr(obj, "__qualname__", "")
+    if module and module != "__main__" and "<locals>" not in qualname:
+        return f"{module}:{qualname}"
+    key = f"direct:{qualname or type(obj).__name__}-{id(obj):x}"
+    _DIRECT[key] = obj
+    return key
+
+
+def _module_from_file(path: Path, label: str):
+    if not path.is_file():
+        raise ConfigError(f"{label}: file {path} not found")
+    module_name = "fedsim_plugin_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    folder = str(path.resolve().parent)  # the user's project: its sibling modules import too
+    if folder not in sys.path:
+        sys.path.append(folder)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise ConfigError(f"{label}: {path} does not import: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def load_object(name: str, key: str) -> Any:
+    """The object an import string names; `key` (e.g. "strategy.name") labels every error."""
+    if name in _DIRECT:
+        return _DIRECT[name]
+    if name.startswith("direct:"):
+        raise ConfigError(f"{key} = '{name}' was passed from Python in another process; pass an "
+                          "importable object (defined in a module, not in __main__) to run on "
+                          "Ray workers, or use engine.backend = 'inprocess'")
+    where, _, attribute = name.rpartition(":")
+    if not where or not attribute:
+        raise ConfigError(f"{key} = '{name}' is not an import string 'package.module:Name' or "
+                          "'path/to/file.py:Name'")
+    if where.endswith(".py"):
+        module = _module_from_file(Path(where).expanduser(), f"{key} = '{name}'")
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise ConfigError(f"{key} = '{name}': module '{where}' does not import: "
+                              f"{type(exc).__name__}: {exc}") from None
+    obj = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key} = '{name}': {where} has no attribute '{attribute}'")
+        obj = getattr(obj, part)
+    return obj
+
+
+def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make `file.py:Name` plugin paths in a raw spec absolute, relative to the spec's folder, so
+    they mean the same in every worker process."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and is_plugin(value):
+            where, _, attribute = value.rpartition(":")
+            if where.endswith(".py") and not Path(where).expanduser().is_absolute():
+                return f"{(base / where).resolve()}:{attribute}"
+        return value
+
+    for section, key in (("strategy", "name"), ("model", "name"), ("data", "dataset")):
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][key] = fix(raw[section][key])
+    objectives = raw.get("client", {}).get("objectives") if isinstance(raw.get("client"), dict) else None
+    if isinstance(objectives, dict):
+        raw["client"]["objectives"] = {fix(k): v for k, v in objectives.items()}
+    return raw

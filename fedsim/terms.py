@@ -1,0 +1,45 @@
+"""Loss terms any method may use, and `client.objectives` may add to any run by name."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from fedsim.method import Batch, LossTerm, NoParams
+
+
+class Proximal(LossTerm):
+    """FedProx: (mu / 2) * ||w - w_global||^2 over the trainable parameters."""
+
+    name = "proximal"
+
+    class Params(NoParams):
+        mu: float = Field(0.01, ge=0, description="weight of the proximal term")
+
+    def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        anchor = self.ctx.global_arrays
+        squared = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+        return 0.5 * self.params.mu * squared
+
+
+class ParityPenalty(LossTerm):
+    """A differentiable statistical-parity penalty: mu * |mean P(yhat=1) over group 1 - over
+    group 0| in the batch, from the softmax of the positive class (zero for a batch missing a
+    group). Needs a dataset with a sensitive attribute (checked before the run starts)."""
+
+    name = "parity"
+    needs_groups = True
+
+    class Params(NoParams):
+        mu: float = Field(1.0, ge=0, description="weight of the parity gap")
+
+    def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        groups, logits = batch.groups, batch.logits
+        if groups is None:
+            raise ValueError("the parity penalty needs a dataset with a sensitive attribute")
+        positive = torch.softmax(logits, dim=1)[:, 1]
+        ones, zeros = groups == 1, groups == 0
+        if not ones.any() or not zeros.any():
+            return logits.new_zeros(())
+        return self.params.mu * (positive[ones].mean() - positive[zeros].mean()).abs()

@@ -1,0 +1,78 @@
+"""MOON (Li, He and Song, CVPR 2021): model-contrastive federated learning.
+
+Client: besides cross-entropy, mu * l_con pulls the representation z of the local model toward
+that of the global model and away from that of the client's previous local model:
+    l_con = -log( exp(cos(z, z_glob) / T) / (exp(cos(z, z_glob) / T) + exp(cos(z, z_prev) / T)) )
+The representation is the output of every layer but the last (the model's `features(x)` when it
+defines one). The previous local model is the client's state; before its first round the
+received global model stands in for it (as in the paper's code, where the pool starts with the
+initial model), which makes l_con constant. Server: FedAvg.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn import functional as F
+
+from fedsim.method import Batch, ClientContext, ClientUpdate, LossTerm, Method, NoParams
+
+
+def representation(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's representation of `x`: `features(x)`, or all layers but the last."""
+    if hasattr(model, "features") and callable(model.features):
+        return model.features(x)
+    if isinstance(model, nn.Sequential):
+        return model[:-1](x).flatten(1)
+    raise ValueError("moon needs a model that is an nn.Sequential or defines features(x)")
+
+
+def frozen_copy(ctx: ClientContext, arrays: dict[str, torch.Tensor]) -> nn.Module:
+    model = ctx.model_factory().to(next(iter(arrays.values())).device)
+    model.load_state_dict(arrays)
+    model.eval()
+    return model.requires_grad_(False)
+
+
+class MoonParams(NoParams):
+    mu: float = Field(1.0, ge=0, description="weight of the model-contrastive loss")
+    temperature: float = Field(0.5, gt=0, description="temperature T of the cosine similarities")
+
+
+class ModelContrast(LossTerm):
+    """mu * l_con against the frozen global and previous local models."""
+
+    def __init__(self, params: MoonParams, ctx: ClientContext) -> None:
+        super().__init__(params, ctx)
+        previous = ctx.store.load("previous")
+        device = next(iter(ctx.global_arrays.values())).device
+        self.global_model = frozen_copy(ctx, ctx.global_arrays)
+        self.previous_model = self.global_model if previous is None else frozen_copy(
+            ctx, {k: torch.as_tensor(v, device=device) for k, v in previous.items()})
+
+    def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        z = representation(model, batch.inputs)
+        with torch.no_grad():
+            z_global = representation(self.global_model, batch.inputs)
+            z_previous = representation(self.previous_model, batch.inputs)
+        t = self.params.temperature
+        logits = torch.stack([F.cosine_similarity(z, z_global, dim=1),
+                              F.cosine_similarity(z, z_previous, dim=1)], dim=1) / t
+        positive = torch.zeros(len(z), dtype=torch.long, device=z.device)
+        return self.params.mu * F.cross_entropy(logits, positive)
+
+
+class Moon(Method):
+    """FedAvg on the server; model-contrastive local training, previous model kept per client."""
+
+    name = "moon"
+    Params = MoonParams
+
+    def loss_terms(self, ctx: ClientContext) -> list[LossTerm]:
+        return [ModelContrast(self.params, ctx)]
+
+    @torch.no_grad()
+    def after_training(self, ctx: ClientContext, model: nn.Module) -> ClientUpdate:
+        ctx.store.save("previous", {k: v.cpu().numpy().copy() for k, v in model.state_dict().items()})
+        return ClientUpdate()
