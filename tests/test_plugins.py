@@ -145,3 +145,22 @@ def test_file_plugins_in_a_spec_are_relative_to_the_spec(tmp_path):
     config = load_config(EXAMPLE / "experiment.toml")
     assert config.model.name == f"{EXAMPLE / 'model.py'}:lenet"
     assert config.model.model_extra == {"channels": [6, 16]}
+
+
+@pytest.mark.slow
+def test_example_project_on_ray_with_two_workers_equals_the_in_process_run(tmp_path):
+    import torch
+
+    spec = EXAMPLE / "experiment.toml"  # engine.workers = 2
+    on_ray = run_experiment(load_config(spec, ["experiment.rounds=2", f"output.run_dir={tmp_path / 'ray'}"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray worker (one CPU each): the same convolution kernels
+    try:
+        plain = run_experiment(load_config(spec, ["experiment.rounds=2", "engine.backend=inprocess",
+                                                  f"output.run_dir={tmp_path / 'plain'}"]))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = final_model(on_ray.run_dir), final_model(plain.run_dir)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-6)
+    np.testing.assert_allclose(on_ray.rounds["test_accuracy"], plain.rounds["test_accuracy"], atol=1e-6)
