@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.sources import check_dataset_name, check_sensitive, has_sensitive_attribute
+from fedsim.engine.cohort import cohort_size
 from fedsim.errors import ConfigError
 from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
 from fedsim.models import check_model
@@ -71,12 +72,6 @@ def term_class(name: str) -> type[LossTerm]:
                       f"{', '.join(sorted(LOSS_TERMS))}, or 'package.module:Name' for your own")
 
 
-def cohort_size(config: ExperimentConfig, num_clients: int) -> int:
-    s = config.strategy
-    k = round(s.fraction * num_clients) if s.fraction else s.clients_per_round
-    return max(1, min(int(k or num_clients), num_clients))
-
-
 def build_method(config: ExperimentConfig, run: RunInfo | None = None) -> Method:
     """The run's method: its client half on a worker (`run` None), both halves on the server."""
     cls = method_class(config.strategy.name)
@@ -135,5 +130,5 @@ def check_config(config: ExperimentConfig) -> None:
         if term.needs_groups:
             needs_groups.append(f"local objective '{name}'")
     if needs_groups and not has_sensitive_attribute(config.data):
-        raise ConfigError(f"{' and '.join(needs_groups)} need(s) a sensitive attribute: set "
-                          "data.sensitive (adult: sex or race; german: sex or age)")
+        raise ConfigError(f"{' and '.join(needs_groups)} need(s) a dataset with a sensitive "
+                          f"attribute (adult, german), not {config.data.dataset}")

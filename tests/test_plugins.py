@@ -81,9 +81,9 @@ BAD_PLUGINS = {
     "unknown objective": (["client.objectives={proxmal = {mu = 0.1}}"], "unknown local objective 'proxmal'"),
     "parity without a sensitive attribute": (
         ["client.objectives={parity = {mu = 0.5}}"],
-        "local objective 'parity' need(s) a sensitive attribute"),
+        "local objective 'parity' need(s) a dataset with a sensitive attribute (adult, german), not digits"),
     "fairfed without a sensitive attribute": (
-        ["strategy.name=fairfed"], "strategy 'fairfed' need(s) a sensitive attribute"),
+        ["strategy.name=fairfed"], "strategy 'fairfed' need(s) a dataset with a sensitive attribute"),
     "model key a built-in model lacks": (["model.channels=[3]"], "unknown key(s) ['model.channels']"),
 }
 

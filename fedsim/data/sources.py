@@ -69,9 +69,9 @@ def check_dataset_name(name: str) -> None:
 
 
 def has_sensitive_attribute(spec: DataSection) -> bool:
-    """Whether the run's examples carry sensitive groups (a user's dataset: assumed, checked
-    when it loads)."""
-    return is_plugin(spec.dataset) or spec.sensitive is not None
+    """Whether the run's examples carry sensitive groups (adult and german always do, `sex` by
+    default; a user's dataset is assumed to)."""
+    return is_plugin(spec.dataset) or spec.dataset in tabular.SENSITIVE
 
 
 def user_dataset(name: str, spec: DataSection, seed: int) -> ArrayDataset:

@@ -13,6 +13,13 @@ from fedsim.system import RoundSystem, SystemModel
 SAMPLE_STREAM, EVAL_STREAM = 0x5A3B1E, 0xE7A1
 
 
+def cohort_size(config: ExperimentConfig, num_clients: int) -> int:
+    """Clients sampled per round: strategy.fraction of them, or strategy.clients_per_round."""
+    s = config.strategy
+    k = round(s.fraction * num_clients) if s.fraction else s.clients_per_round
+    return max(1, min(int(k or num_clients), num_clients))
+
+
 class CohortSampler:
     """Samples each round's training and evaluation cohorts from their own seeded streams."""
 
@@ -26,11 +33,6 @@ class CohortSampler:
     @property
     def num_clients(self) -> int:
         return len(self.client_sizes)
-
-    def cohort_size(self) -> int:
-        s = self.config.strategy
-        k = round(s.fraction * self.num_clients) if s.fraction else s.clients_per_round
-        return max(1, min(int(k or self.num_clients), self.num_clients))
 
     def population(self) -> np.ndarray:
         """The clients that can be sampled: all of them, or (deployed) those online."""
@@ -51,7 +53,7 @@ class CohortSampler:
         """This round's clients: a sample without replacement from its own seeded stream."""
         rng = np.random.default_rng(derive_seed(self.seed, server_round, SAMPLE_STREAM))
         population = self.population()
-        size = min(self.cohort_size(), len(population))
+        size = min(cohort_size(self.config, self.num_clients), len(population))
         return sorted(int(c) for c in rng.choice(population, size, replace=False))
 
     def train_round(self, server_round: int) -> RoundSystem:

@@ -19,9 +19,6 @@ from fedsim.method import Arrays, ClientResult
 
 SEPARATOR = "::"  # joins a named group and an array name into one record key
 
-# How a worker weights each client's output when pre-aggregating ("examples" or "uniform").
-WEIGHTINGS = ("examples", "uniform")
-
 
 @dataclass
 class ClientTask:
