@@ -13,11 +13,17 @@ from typing import Any
 from fedsim.errors import ConfigError
 
 _DIRECT: dict[str, Any] = {}  # objects handed over in this process by the Python API
+DIRECT = "direct:"  # the prefix of their names
 
 
 def is_plugin(name: str) -> bool:
     """Whether a name is an import string rather than a built-in name."""
     return ":" in name and not name.startswith("flwr:")
+
+
+def is_process_local(name: str) -> bool:
+    """Whether an import string names an object only this process holds (see `register`)."""
+    return name.startswith(DIRECT)
 
 
 def register(obj: Any) -> str:
@@ -26,7 +32,7 @@ def register(obj: Any) -> str:
     module, qualname = getattr(obj, "__module__", ""), getattr(obj, "__qualname__", "")
     if module and module != "__main__" and "<locals>" not in qualname:
         return f"{module}:{qualname}"
-    key = f"direct:{qualname or type(obj).__name__}-{id(obj):x}"
+    key = f"{DIRECT}{qualname or type(obj).__name__}-{id(obj):x}"
     _DIRECT[key] = obj
     return key
 
@@ -55,7 +61,7 @@ def load_object(name: str, key: str) -> Any:
     """The object an import string names; `key` (e.g. "strategy.name") labels every error."""
     if name in _DIRECT:
         return _DIRECT[name]
-    if name.startswith("direct:"):
+    if is_process_local(name):
         raise ConfigError(f"{key} = '{name}' was passed from Python in another process; pass an "
                           "importable object (defined in a module, not in __main__) to run on "
                           "Ray workers, or use engine.backend = 'inprocess'")

@@ -15,7 +15,7 @@ from fedsim.engine.cohort import cohort_size
 from fedsim.errors import ConfigError
 from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
 from fedsim.models import check_model
-from fedsim.plugins import is_plugin, load_object
+from fedsim.plugins import is_plugin, is_process_local, load_object
 from fedsim.terms import ParityPenalty, Proximal
 from strategies.fairfed import FairFed
 from strategies.fedavg import FedAvg
@@ -107,9 +107,30 @@ def _check_params(model: type[BaseModel], params: dict[str, Any], key: str, owne
         raise ConfigError("invalid experiment config: " + "; ".join(problems)) from None
 
 
+def plugin_names(config: ExperimentConfig) -> dict[str, str]:
+    """The import strings of a spec, by the key that names them."""
+    names = {"strategy.name": config.strategy.name, "model.name": config.model.name,
+             "data.dataset": config.data.dataset}
+    names.update({f"client.objectives.{k}": k for k in config.client.objectives})
+    return {key: name for key, name in names.items() if is_plugin(name)}
+
+
+def check_reachable(config: ExperimentConfig) -> None:
+    """Objects passed from Python that no other process can import need the in-process backend."""
+    if config.engine.backend == "inprocess":
+        return
+    for key, name in plugin_names(config).items():
+        if is_process_local(name):
+            raise ConfigError(f"{key} was passed from Python as an object defined in __main__ or "
+                              "inside a function, which Ray workers cannot import: define it in a "
+                              "module (or a .py file named as 'file.py:Name'), or set "
+                              "engine.backend = 'inprocess'")
+
+
 def check_config(config: ExperimentConfig) -> None:
     """Every check that needs the registries, before anything runs: dataset, model, strategy and
     its parameters, local objectives and their parameters, add-ons, sensitive attributes."""
+    check_reachable(config)
     check_dataset_name(config.data.dataset)
     check_sensitive(config.data)
     check_model(config.model)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import fedsim
 from fedsim.cli import app
 from fedsim.config import load_config
+from fedsim.errors import ConfigError
 from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,8 @@ def test_python_api_takes_a_dict_and_objects_defined_in_the_caller(tmp_path):
     assert config.model.name.startswith("direct:")  # defined in a function: this process only
     summary = fedsim.run(config)
     assert summary.rounds["round"].tolist() == [0, 1, 2] and summary.run_dir == tmp_path
+    with pytest.raises(ConfigError, match="model.name was passed from Python .* Ray workers cannot"):
+        fedsim.run(config, "engine.backend=ray")  # refused before Ray starts
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
