@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ def load_object(name: str, key: str) -> Any:
     if where.endswith(".py"):
         module = _module_from_file(Path(where).expanduser(), f"{key} = '{name}'")
     else:
+        if os.getcwd() not in sys.path:  # like `python -m`: the working directory's modules import
+            sys.path.append(os.getcwd())
         try:
             module = importlib.import_module(where)
         except Exception as exc:

@@ -151,11 +151,14 @@ def test_file_plugins_in_a_spec_are_relative_to_the_spec(tmp_path):
 
 
 @pytest.mark.slow
-def test_example_project_on_ray_with_two_workers_equals_the_in_process_run(tmp_path):
+def test_example_project_on_ray_with_two_workers_equals_the_in_process_run(tmp_path, monkeypatch):
     import torch
 
     spec = EXAMPLE / "experiment.toml"  # engine.workers = 2
-    on_ray = run_experiment(load_config(spec, ["experiment.rounds=2", f"output.run_dir={tmp_path / 'ray'}"]))
+    monkeypatch.chdir(EXAMPLE)  # the strategy by module name from the working directory, the
+    module = "strategy.name=strategy:TrimmedMean"  # model and dataset by file
+    on_ray = run_experiment(load_config(spec, ["experiment.rounds=2", module,
+                                               f"output.run_dir={tmp_path / 'ray'}"]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray worker (one CPU each): the same convolution kernels
     try:
