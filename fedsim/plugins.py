@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from fedsim.errors import ConfigError
 
 _DIRECT: dict[str, Any] = {}  # objects handed over in this process by the Python API
 DIRECT = "direct:"  # the prefix of their names
+APP = "@app/"  # a file inside the app bundle, wherever this process's copy of it is
+APP_ROOT = Path(__file__).resolve().parents[1]  # the app bundle (or source tree) holding fedsim/
 
 
 def is_plugin(name: str) -> bool:
@@ -71,7 +74,8 @@ def load_object(name: str, key: str) -> Any:
         raise ConfigError(f"{key} = '{name}' is not an import string 'package.module:Name' or "
                           "'path/to/file.py:Name'")
     if where.endswith(".py"):
-        module = _module_from_file(Path(where).expanduser(), f"{key} = '{name}'")
+        path = APP_ROOT / where[len(APP):] if where.startswith(APP) else Path(where).expanduser()
+        module = _module_from_file(path, f"{key} = '{name}'")
     else:
         if os.getcwd() not in sys.path:  # like `python -m`: the working directory's modules import
             sys.path.append(os.getcwd())
@@ -88,15 +92,15 @@ def load_object(name: str, key: str) -> Any:
     return obj
 
 
-def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make `file.py:Name` plugin paths in a raw spec absolute, relative to the spec's folder, so
-    they mean the same in every worker process."""
+def _rewrite_file_plugins(raw: dict[str, Any], rewrite: Callable[[Path], str | None]) -> dict[str, Any]:
+    """Apply `rewrite(path)` (a new path text, or None to keep it) to every `file.py:Name`
+    plugin of a raw spec (strategy, model, dataset, local objectives)."""
 
     def fix(value: Any) -> Any:
-        if isinstance(value, str) and is_plugin(value):
+        if isinstance(value, str) and is_plugin(value) and not value.startswith(APP):
             where, _, attribute = value.rpartition(":")
-            if where.endswith(".py") and not Path(where).expanduser().is_absolute():
-                return f"{(base / where).resolve()}:{attribute}"
+            if where.endswith(".py") and (new := rewrite(Path(where).expanduser())) is not None:
+                return f"{new}:{attribute}"
         return value
 
     for section, key in (("strategy", "name"), ("model", "name"), ("data", "dataset")):
@@ -106,3 +110,24 @@ def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(objectives, dict):
         raw["client"]["objectives"] = {fix(k): v for k, v in objectives.items()}
     return raw
+
+
+def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make `file.py:Name` plugin paths in a raw spec absolute, relative to the spec's folder, so
+    they mean the same in every worker process."""
+
+    def absolute(path: Path) -> str | None:
+        return None if path.is_absolute() else str((base / path).resolve())
+
+    return _rewrite_file_plugins(raw, absolute)
+
+
+def app_relative_file_plugins(raw: dict[str, Any]) -> dict[str, Any]:
+    """Deployed: name plugin files inside the app bundle as `@app/<path in the bundle>`, so every
+    node finds them in its own copy of the bundle."""
+
+    def inside(path: Path) -> str | None:
+        path = path.resolve()
+        return APP + path.relative_to(APP_ROOT).as_posix() if path.is_relative_to(APP_ROOT) else None
+
+    return _rewrite_file_plugins(raw, inside)

@@ -170,3 +170,17 @@ def test_example_project_on_ray_with_two_workers_equals_the_in_process_run(tmp_p
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6)
     np.testing.assert_allclose(on_ray.rounds["test_accuracy"], plain.rounds["test_accuracy"], atol=1e-6)
+
+
+def test_deployed_plugin_files_are_named_inside_the_app_bundle():
+    from fedsim.deploy.serverapp import config_from_run_config
+    from fedsim.models import build_model
+    from fedsim.plugins import APP_ROOT
+
+    config = config_from_run_config({"experiment": "examples/lenet-digits/experiment.toml"})
+    assert config.model.name == "@app/examples/lenet-digits/model.py:lenet"  # each node's own copy
+    assert config.strategy.name == "@app/examples/lenet-digits/strategy.py:TrimmedMean"
+    assert (APP_ROOT / "examples" / "lenet-digits" / "model.py").is_file()
+    assert build_model(config.model, (1, 12, 12), 10, seed=0)[0].out_channels == 6
+    outside = config_from_run_config({"experiment": str(QUICKSTART), "overrides": "model.name=/tmp/m.py:f"})
+    assert outside.model.name == "/tmp/m.py:f"  # outside the bundle: left as it is

@@ -16,11 +16,10 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.config import ExperimentConfig, load_config
+from fedsim.config import ExperimentConfig, load_config, validate_config
 from fedsim.deploy.server import run_deployment
 from fedsim.errors import ConfigError
-
-APP_ROOT = Path(__file__).resolve().parents[2]  # the app bundle (or source tree) holding fedsim/
+from fedsim.plugins import APP_ROOT, app_relative_file_plugins
 
 
 def experiment_path(name: str) -> Path:
@@ -34,9 +33,11 @@ def experiment_path(name: str) -> Path:
 
 
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
-    """The experiment a run config names, with its overrides applied."""
+    """The experiment a run config names, with its overrides applied; plugin files inside the app
+    bundle are named relative to it (`@app/...`), so every node finds its own copy."""
     overrides = shlex.split(str(run_config.get("overrides", "")))
-    return load_config(experiment_path(str(run_config.get("experiment", ""))), overrides)
+    config = load_config(experiment_path(str(run_config.get("experiment", ""))), overrides)
+    return validate_config(app_relative_file_plugins(config.to_json_dict()))
 
 
 def log_round(server_round: int, row: dict) -> None:
