@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -188,8 +188,15 @@ class Worker:
         return out
 
     def loss_terms(self, contexts: list[ClientContext]) -> list:
-        """`client.objectives` first, then the method's and the add-ons' terms."""
-        terms = build_terms(self.config, contexts[0])
+        """`client.objectives` first (each with its own slice of the client's state), then the
+        method's and the add-ons' terms."""
+        method_ctx = contexts[0]
+
+        def context_for(name: str) -> ClientContext:
+            store = ClientScope(self.store, method_ctx.client_id, f"objective/{name}")
+            return replace(method_ctx, broadcast={}, store=store)
+
+        terms = build_terms(self.config, context_for)
         for component, ctx in zip(self.components, contexts, strict=True):
             terms += component.loss_terms(ctx)
         return terms

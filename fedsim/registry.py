@@ -5,6 +5,7 @@ runs (each names the key and the plugin at fault)."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -86,9 +87,11 @@ def build_add_ons(config: ExperimentConfig, run: RunInfo | None = None) -> list[
     return [ADD_ONS[name](section, run) for name, section in sections.items() if section.enabled]
 
 
-def build_terms(config: ExperimentConfig, ctx: ClientContext) -> list[LossTerm]:
-    """The loss terms `client.objectives` adds for every method."""
-    return [term_class(name)(term_class(name).Params.model_validate(params), ctx)
+def build_terms(config: ExperimentConfig,
+                context_for: Callable[[str], ClientContext]) -> list[LossTerm]:
+    """The loss terms `client.objectives` adds for every method, each with the client context
+    `context_for(name)` gives it."""
+    return [term_class(name)(term_class(name).Params.model_validate(params), context_for(name))
             for name, params in config.client.objectives.items()]
 
 
