@@ -18,6 +18,7 @@ from fedsim.engine.aggregation import add_sums, add_weighted, mean_from_sum
 from fedsim.engine.cohort import CohortSampler
 from fedsim.engine.packing import pack_balanced
 from fedsim.engine.protocol import ClientTask, Task, decode_result, encode_task, from_record, to_record
+from fedsim.errors import FedsimError
 from fedsim.fairness.groups import counts_from_metrics, fairness_metrics
 from fedsim.method import AddOn, Arrays, Method, RoundResult
 from fedsim.system import RoundSystem
@@ -224,7 +225,7 @@ class FedsimStrategy(Strategy):
         result = self.unpack(self.replies(replies))
         if result.failures:
             cid, error = next(iter(result.failures.items()))
-            raise RuntimeError(f"the setup phase failed on {len(result.failures)} client(s), "
+            raise FedsimError(f"the setup phase failed on {len(result.failures)} client(s), "
                                f"e.g. client {cid}: {error}")
         summaries = {}
         for component in (self.method, *self.add_ons):
