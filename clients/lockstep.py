@@ -27,19 +27,23 @@ from fedsim.terms import Proximal
 LOCKSTEP_MODELS = ("logreg", "mlp")  # Linear layers with ReLU between them
 
 
-def lockstep_proximal_mu(config: ExperimentConfig, components: list[Component],
-                         plans: list[TrainPlan], terms: list[list[LossTerm]]) -> list[float] | None:
-    """Each client's proximal weight mu (0 without the term) when the task's clients can train in
-    lockstep, else None. Lockstep needs logistic regression or an MLP, plain SGD, more than one
-    client, a method and add-ons whose client half is plain training plus loss terms (no data,
-    after-training or global-report hooks), plans that say no more than the local steps, and no
-    loss term but the proximal one (a client's proximal terms add up)."""
+def lockstep_possible(config: ExperimentConfig, components: list[Component], clients: int) -> bool:
+    """Whether a task could train in lockstep before its clients' plans and loss terms are
+    known: logistic regression or an MLP, plain SGD, more than one client, and a method and
+    add-ons whose client half is plain training plus loss terms (no data, after-training or
+    global-report hooks)."""
     plain = all(not overrides(c, Component, hook) for c in components
                 for hook in ("training_data", "after_training"))
-    if not (config.engine.lockstep and config.model.name in LOCKSTEP_MODELS and plain
-            and config.client.optimizer == "sgd" and len(plans) > 1
-            and not any(getattr(c, "evaluates_global", False) for c in components)
-            and all(type(plan) is TrainPlan for plan in plans)
+    return (config.engine.lockstep and config.model.name in LOCKSTEP_MODELS and plain
+            and config.client.optimizer == "sgd" and clients > 1
+            and not any(getattr(c, "evaluates_global", False) for c in components))
+
+
+def lockstep_proximal_mu(plans: list[TrainPlan], terms: list[list[LossTerm]]) -> list[float] | None:
+    """Each client's proximal weight mu (0 without the term, the sum of its proximal terms'
+    otherwise) when the plans say no more than the local steps and no loss term but the
+    proximal one is there, else None."""
+    if not (all(type(plan) is TrainPlan for plan in plans)
             and all(type(term) is Proximal for client in terms for term in client)):
         return None
     return [sum(term.params.mu for term in client) for client in terms]

@@ -17,7 +17,7 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from clients.lockstep import lockstep_proximal_mu, train_in_lockstep
+from clients.lockstep import lockstep_possible, lockstep_proximal_mu, train_in_lockstep
 from clients.state import ClientScope, ShippedStateStore, StateStore
 from clients.training import train_locally
 from fedsim.config import ExperimentConfig, validate_config
@@ -132,10 +132,6 @@ def _tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, t
     return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
 
 
-def _numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
 def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
     """What the received global model does on this client's training data, before training:
     its mean loss, and its confusion counts per sensitive group (prefixed `pre_`)."""
@@ -226,9 +222,10 @@ class Worker:
     def train_together(self, global_arrays: dict[str, torch.Tensor]) -> list[ClientResult] | None:
         """Every client of the task trained in lockstep when the model and recipe allow (Linear
         / ReLU models, SGD, no loss term but the proximal one), else None."""
+        if not lockstep_possible(self.config, self.components, len(self.task.clients)):
+            return None
         contexts = [self.contexts(i, global_arrays) for i in range(len(self.task.clients))]
-        mus = lockstep_proximal_mu(self.config, self.components, [c[0].plan for c in contexts],
-                                   [self.loss_terms(c) for c in contexts])
+        mus = lockstep_proximal_mu([c[0].plan for c in contexts], [self.loss_terms(c) for c in contexts])
         if mus is None:
             return None
         config, clients = self.config, self.task.clients
@@ -254,10 +251,6 @@ class Worker:
                 failures[client.client_id] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
         return outcomes
-
-
-def _tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
 
 
 def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:

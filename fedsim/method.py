@@ -30,7 +30,7 @@ from torch import nn
 from fedsim.data.tensors import LocalData
 
 if TYPE_CHECKING:
-    from fedsim.config import ClientSection
+    from fedsim.config import ClientSection, ExperimentConfig
 
 Arrays = dict[str, np.ndarray]
 Weighting = Literal["examples", "uniform"]  # how a client's output is weighted in the mean
@@ -134,10 +134,6 @@ class RoundResult:
     means: dict[str, Arrays] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)  # sampled but dropped out or timed out
 
-    @property
-    def num_examples(self) -> float:
-        return sum(c.metrics.get("num_examples", 0.0) for c in self.clients)
-
     def weighted_metric(self, name: str, weight: str = "num_examples") -> float:
         """Mean of a client metric weighted by another (NaN when no client reported it)."""
         pairs = [(c.metrics[name], c.metrics.get(weight, 1.0)) for c in self.clients
@@ -182,6 +178,11 @@ class Component:
     @classmethod
     def label(cls) -> str:
         return cls.name or cls.__name__
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        """Refuse, with a ConfigError naming the key, a spec this method cannot run correctly
+        (called before anything runs; its parameters are already checked)."""
 
     # ---- server half ------------------------------------------------------------------------
     def broadcast(self, server_round: int, current: Arrays) -> Arrays:

@@ -16,6 +16,7 @@ from fedsim.errors import ConfigError
 
 _DIRECT: dict[str, Any] = {}  # objects handed over in this process by the Python API
 DIRECT = "direct:"  # the prefix of their names
+_FILES: dict[str, Path] = {}  # module name -> the plugin file it was loaded from
 APP = "@app/"  # a file inside the app bundle, wherever this process's copy of it is
 APP_ROOT = Path(__file__).resolve().parents[1]  # the app bundle (or source tree) holding fedsim/
 
@@ -34,6 +35,8 @@ def register(obj: Any) -> str:
     """The import string of a class or function passed from Python: its module and name when a
     worker process can import it, else a name valid in this process only (in-process backend)."""
     module, qualname = getattr(obj, "__module__", ""), getattr(obj, "__qualname__", "")
+    if module in _FILES and "<locals>" not in qualname:  # loaded from a file: name the file
+        return f"{_FILES[module]}:{qualname}"
     if module and module != "__main__" and "<locals>" not in qualname:
         return f"{module}:{qualname}"
     key = f"{DIRECT}{qualname or type(obj).__name__}-{id(obj):x}"
@@ -44,9 +47,11 @@ def register(obj: Any) -> str:
 def _module_from_file(path: Path, label: str):
     if not path.is_file():
         raise ConfigError(f"{label}: file {path} not found")
-    module_name = "fedsim_plugin_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    stamp = f"{path.resolve()}:{path.stat().st_mtime_ns}"  # an edited file loads anew
+    module_name = "fedsim_plugin_" + hashlib.sha1(stamp.encode()).hexdigest()[:12]
     if module_name in sys.modules:
         return sys.modules[module_name]
+    _FILES[module_name] = path.resolve()
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

@@ -143,16 +143,23 @@ def check_config(config: ExperimentConfig) -> None:
         raise ConfigError("ggeur works on embeddings: set data.embedding = 'identity' (flattened "
                           "inputs) or the path of a frozen encoder")
     cls = method_class(config.strategy.name)
-    if issubclass(cls, FlowerStrategy):
-        cls.check(config.strategy.params)
-    else:
+    if not issubclass(cls, FlowerStrategy):  # a Flower strategy's arguments: checked by its check
         _check_params(cls.Params, config.strategy.params, "strategy", f"strategy '{cls.label()}'")
-    needs_groups = [f"strategy '{cls.label()}'"] if cls.needs_groups else []
+    cls.check(config)
     for name, params in config.client.objectives.items():
-        term = term_class(name)
-        _check_params(term.Params, params, f"client.objectives.{name}", f"local objective '{name}'")
-        if term.needs_groups:
-            needs_groups.append(f"local objective '{name}'")
-    if needs_groups and not has_sensitive_attribute(config.data):
-        raise ConfigError(f"{' and '.join(needs_groups)} need(s) a dataset with a sensitive "
-                          f"attribute (adult, german), not {config.data.dataset}")
+        _check_params(term_class(name).Params, params, f"client.objectives.{name}",
+                      f"local objective '{name}'")
+    check_groups(config, has_sensitive_attribute(config.data))
+
+
+def check_groups(config: ExperimentConfig, has_groups: bool) -> None:
+    """Refuse a strategy or local objective that reads sensitive groups when the data have none
+    (known from the dataset's name, or from a user's dataset once it has loaded)."""
+    needs = [f"strategy '{method_class(config.strategy.name).label()}'"
+             ] if method_class(config.strategy.name).needs_groups else []
+    needs += [f"local objective '{name}'" for name in config.client.objectives
+              if term_class(name).needs_groups]
+    if needs and not has_groups:
+        raise ConfigError(f"{' and '.join(needs)} need(s) a dataset with a sensitive attribute "
+                          f"(adult, german, or your own with sensitive_train); data.dataset = "
+                          f"'{config.data.dataset}' has none")

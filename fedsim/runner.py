@@ -23,7 +23,7 @@ from fedsim.engine.strategy import FedsimStrategy
 from fedsim.engine.transports import GridTransport
 from fedsim.errors import ConfigError
 from fedsim.method import RunInfo
-from fedsim.registry import build_add_ons, build_method, check_config
+from fedsim.registry import build_add_ons, build_method, check_config, check_groups
 from fedsim.results import RunWriter, default_run_dir
 from fedsim.warmup import with_warmup_encoder
 
@@ -90,6 +90,8 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
         raise ConfigError("engine.gpus_per_worker > 0 but no CUDA GPU is visible here; "
                           "set engine.gpus_per_worker = 0 or run on a machine with a GPU")
     federation = build_federation(config.data, config.experiment.seed)
+    dataset = getattr(federation, "dataset", None)
+    check_groups(config, dataset is not None and dataset.sensitive_train is not None)
     evaluator = CentralEvaluator.build(config, federation)
     decomposer = None
     if config.evaluation.decomposition:

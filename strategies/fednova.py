@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.config import ExperimentConfig
+from fedsim.errors import ConfigError
 from fedsim.method import Arrays, ClientContext, ClientUpdate, Method, RoundResult
 
 
@@ -31,6 +33,16 @@ class FedNova(Method):
 
     name = "fednova"
     outputs = {"model": "examples", "normalized": "examples"}
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        """a_i is derived for SGD (with momentum) on the plain loss."""
+        if config.client.optimizer != "sgd":
+            raise ConfigError(f"fednova normalizes SGD updates; client.optimizer = "
+                              f"'{config.client.optimizer}' is not supported (use 'sgd')")
+        if "proximal" in config.client.objectives:
+            raise ConfigError("fednova's a_i assumes no proximal term: remove "
+                              "client.objectives.proximal")
 
     # ---- client half -----------------------------------------------------------------------
     @torch.no_grad()

@@ -1,19 +1,28 @@
 """Flower's own message-API strategies (`strategy.name = "flwr:FedMedian"`) on fedsim's engine.
 
 fedsim samples the cohort, packs it onto workers and trains each virtual client as plain local
-training; this method then hands the Flower strategy one reply per virtual client (its model as
-an ArrayRecord, its example count as `num-examples`) and takes its result as the new global
-model. The strategy's constructor arguments are the `[strategy]` keys; a DP wrapper names the
-strategy it wraps with `strategy.wrap` (default FedAvg) and gets `num_sampled_clients` from the
-cohort size unless given. The Flower strategy's own client sampling sees exactly the cohort
-fedsim sampled (its fraction_train is 1), so sampling stays seeded and reproducible.
+training; this method then hands the Flower strategy one reply per virtual client (its trainable
+parameters as an ArrayRecord, its example count as `num-examples`) and takes its result as the
+new global parameters; buffers (BatchNorm statistics) take the FedAvg mean. The strategy's
+constructor arguments are the `[strategy]` keys. Only strategies that work on the server alone
+are offered: the client-side DP wrappers, FedProx and QFedAvg need clients that cooperate.
+
+A server-side DP wrapper names the strategy it wraps with `strategy.wrap` (default FedAvg); it
+gets equal client weights (the sensitivity clip / m its noise is calibrated to assumes them),
+`num_sampled_clients` = the clients that replied this round (dropouts and failures shrink the
+average, so the noise follows), and noise drawn from a generator seeded per round, so runs are
+reproducible. The Flower strategy's own client sampling sees exactly the cohort fedsim sampled
+(its fraction_train is 1), so sampling stays seeded and reproducible too.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flower_strategies
 from pydantic import BaseModel, ConfigDict
@@ -22,6 +31,7 @@ from fedsim.engine.inprocess import server_task_identity
 from fedsim.engine.protocol import from_record, to_record
 from fedsim.errors import ConfigError
 from fedsim.method import Arrays, Method, RoundResult
+from fedsim.seeding import derive_seed
 
 PREFIX = "flwr:"
 WRAP_KEY = "wrap"
@@ -30,10 +40,20 @@ SAMPLING = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 
             "min_evaluate_nodes": 0, "min_available_nodes": 1}
 
 
+NEEDS_CLIENTS = ("FedProx", "QFedAvg")  # clients must apply a proximal term / report their loss
+DP_NOISE_STREAM = 0xD9
+
+
 def flower_names() -> list[str]:
-    """The message-API strategies Flower ships that aggregate models (not XGBoost trees)."""
+    """The message-API strategies Flower ships that aggregate models on the server alone."""
     return sorted(n for n in flower_strategies.__all__
-                  if n not in ("Strategy", "Result") and not n.startswith("FedXgb"))
+                  if n not in ("Strategy", "Result", *NEEDS_CLIENTS) and not n.startswith("FedXgb")
+                  and "ClientSide" not in n)
+
+
+def is_wrapper(cls: type) -> bool:
+    """A DP wrapper: it wraps another strategy."""
+    return "strategy" in inspect.signature(cls).parameters
 
 
 def flower_class(name: str) -> type:
@@ -65,10 +85,13 @@ def build_flower_strategy(name: str, params: dict[str, Any], cohort_size: int) -
     `wrap` strategy)."""
     cls = flower_class(name)
     arguments = dict(params)
-    if "strategy" in inspect.signature(cls).parameters:  # a wrapper
+    if is_wrapper(cls):
         inner = flower_class(str(arguments.pop(WRAP_KEY, "FedAvg")))
         arguments["strategy"] = _construct(inner, {})
-        arguments.setdefault("num_sampled_clients", cohort_size)
+        if "num_sampled_clients" in arguments:
+            raise ConfigError(f"strategy.num_sampled_clients is fedsim's to set for {PREFIX}{name}: "
+                              "each round it is the number of clients that replied")
+        arguments["num_sampled_clients"] = cohort_size
     elif WRAP_KEY in arguments:
         raise ConfigError(f"strategy.{WRAP_KEY} is only for Flower's DP wrappers, not {PREFIX}{name}")
     return _construct(cls, arguments)
@@ -103,8 +126,8 @@ class FlowerStrategy(Method):
         return type(f"Flower{name}", (cls,), {"name": PREFIX + name, "flower_name": name})
 
     @classmethod
-    def check(cls, params: dict[str, Any]) -> None:
-        build_flower_strategy(cls.flower_name, params, cohort_size=1)
+    def check(cls, config) -> None:
+        build_flower_strategy(cls.flower_name, config.strategy.params, cohort_size=1)
 
     def __init__(self, params=None, run=None, cohort_size: int = 1) -> None:
         super().__init__(params, run)
@@ -115,21 +138,39 @@ class FlowerStrategy(Method):
 
     def aggregate(self, server_round: int, current: Arrays,
                   result: RoundResult) -> tuple[Arrays, dict[str, float]]:
-        cohort = [c.client_id for c in result.clients]
+        names = self.run.param_names
+        private = is_wrapper(type(self.flower))
+        parameters = {n: current[n] for n in names}
         with server_task_identity():
-            sent = list(self.flower.configure_train(server_round, to_record(current), ConfigRecord(),
-                                                    VirtualClients(cohort)))
+            sent = list(self.flower.configure_train(server_round, to_record(parameters), ConfigRecord(),
+                                                    VirtualClients([c.client_id for c in result.clients])))
             for number, message in enumerate(sent):  # what a grid does when it pushes them
                 message.metadata.__dict__["_message_id"] = f"virtual-{server_round}-{number}"
             by_client = {m.metadata.dst_node_id: m for m in sent}
             replies = [Message(RecordDict({
-                "arrays": to_record(client.outputs["model"]),
-                "metrics": MetricRecord({"num-examples": float(client.metrics["num_examples"])}),
+                "arrays": to_record({n: client.outputs["model"][n] for n in names}),
+                "metrics": MetricRecord({"num-examples": 1.0 if private else
+                                         float(client.metrics["num_examples"])}),
             }), reply_to=by_client[client.client_id]) for client in result.clients]
-            record, metrics = self.flower.aggregate_train(server_round, replies)
+            if private:
+                self.flower.num_sampled_clients = len(replies)
+            with seeded_numpy(derive_seed(self.run.seed, server_round, DP_NOISE_STREAM)):
+                record, metrics = self.flower.aggregate_train(server_round, replies)
         if record is None:
             raise ValueError(f"{self.name} returned no model for round {server_round}")
-        new = from_record(record)
-        new = {k: new[k].astype(current[k].dtype) for k in current}
+        aggregated = from_record(record)
+        new = dict(result.means["model"])  # buffers: the FedAvg mean
+        new.update({n: aggregated[n].astype(current[n].dtype) for n in names})
         return new, {f"flwr_{k}": float(v) for k, v in dict(metrics or {}).items()
                      if isinstance(v, int | float)}
+
+
+@contextmanager
+def seeded_numpy(seed: int) -> Iterator[None]:
+    """numpy's global generator (which Flower's DP noise draws from) seeded, then restored."""
+    saved = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)

@@ -7,6 +7,9 @@ The representation is the output of every layer but the last (the model's `featu
 defines one). The previous local model is the client's state; before its first round the
 received global model stands in for it (as in the paper's code, where the pool starts with the
 initial model), which makes l_con constant. Server: FedAvg.
+The representation takes a second forward pass in training mode, so a model with batch
+normalization updates its running statistics twice per step (the paper's code computes the
+representation and the logits in one pass).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from fedsim.config import ExperimentConfig
+from fedsim.errors import ConfigError
 from fedsim.method import Batch, ClientContext, ClientUpdate, LossTerm, Method, NoParams
 
 
 def representation(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's representation of `x`: `features(x)`, or all layers but the last."""
     if hasattr(model, "features") and callable(model.features):
-        return model.features(x)
+        return model.features(x).flatten(1)
     if isinstance(model, nn.Sequential):
         return model[:-1](x).flatten(1)
     raise ValueError("moon needs a model that is an nn.Sequential or defines features(x)")
@@ -68,6 +73,13 @@ class Moon(Method):
 
     name = "moon"
     Params = MoonParams
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        if config.model.name == "logreg":
+            raise ConfigError("moon contrasts representations, and logistic regression has none "
+                              "(its layers but the last hold no parameters): use model.name = "
+                              "'mlp' or 'cnn'")
 
     def loss_terms(self, ctx: ClientContext) -> list[LossTerm]:
         return [ModelContrast(self.params, ctx)]

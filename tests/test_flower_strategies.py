@@ -15,6 +15,7 @@ from fedsim.runner import run_experiment
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
 FAST = ["engine.backend=inprocess", "experiment.rounds=3"]
+DP = "strategy.name=flwr:DifferentialPrivacyServerSideFixedClipping"
 
 
 def final_model(run_dir: Path) -> dict[str, np.ndarray]:
@@ -36,7 +37,8 @@ def test_flower_fedavg_equals_fedsim_fedavg_on_the_quickstart(tmp_path):
 def client_round(models: list[dict[str, np.ndarray]], sizes: list[float]) -> RoundResult:
     clients = [ClientResult(cid, {"num_examples": n}, {"model": m})
                for cid, (m, n) in enumerate(zip(models, sizes, strict=True))]
-    return RoundResult(clients=clients)
+    mean = {k: sum(n * m[k] for m, n in zip(models, sizes, strict=True)) / sum(sizes) for k in models[0]}
+    return RoundResult(clients=clients, means={"model": mean})
 
 
 def test_flower_fedmedian_is_the_coordinatewise_median_of_the_client_models(make_method):
@@ -78,6 +80,8 @@ def test_flower_strategies_run_on_the_engine(name, extra, tmp_path):
     (["strategy.name=flwr:FedTrimmedAvg", "strategy.betta=0.2"], "unknown key(s) ['strategy.betta']"),
     (["strategy.name=flwr:FedAvg", "strategy.fraction_train=0.5"], "fedsim's to set"),
     (["strategy.name=flwr:DifferentialPrivacyServerSideFixedClipping"], "noise_multiplier"),
+    ([DP, "strategy.noise_multiplier=1", "strategy.clipping_norm=1", "strategy.num_sampled_clients=5"],
+     "fedsim's to set"),
     (["strategy.name=flwr:DifferentialPrivacyServerSideFixedClipping", "strategy.noise_multiplier=1",
       "strategy.clipping_norm=1", "strategy.wrap=Nope"], "Flower has no such strategy"),
 ])
@@ -85,3 +89,39 @@ def test_bad_flower_strategy_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         check_config(load_config(QUICKSTART, overrides))
+
+
+
+def test_dp_wrapper_clips_trainable_updates_with_equal_weights_and_averages_buffers(make_method):
+    current = {"w": np.zeros(4, np.float32), "bn.num_batches_tracked": np.array(0, np.int64)}
+    models = [{"w": np.full(4, v, np.float32), "bn.num_batches_tracked": np.array(40, np.int64)}
+              for v in (0.1, 3.0)]  # update norms 0.2 and 6.0
+    method = make_method([10, 30], DP, "strategy.noise_multiplier=0", "strategy.clipping_norm=1.0")
+    new, _ = method.aggregate(1, current, client_round(models, [10, 30]))
+    clipped = [np.full(4, 0.1), np.full(4, 3.0) / 6.0]  # the second update scaled to norm 1
+    np.testing.assert_allclose(new["w"], np.mean(clipped, axis=0), rtol=1e-5)  # equal weights
+    assert new["bn.num_batches_tracked"] == 40  # a buffer: the FedAvg mean, neither clipped nor noised
+    assert method.flower.num_sampled_clients == 2  # the clients that replied
+
+
+def test_dp_noise_is_seeded_per_round_and_calibrated_to_the_replies(make_method):
+    current = {"w": np.zeros(1000, np.float32)}
+    rng = np.random.default_rng(0)  # tiny updates (Flower's clipping divides by their norm)
+    models = [{"w": rng.normal(0, 1e-4, 1000).astype(np.float32)} for _ in range(4)]
+    noisy = [DP, "strategy.noise_multiplier=2.0", "strategy.clipping_norm=0.5"]
+    first = make_method([10] * 4, *noisy).aggregate(3, current, client_round(models, [10] * 4))[0]["w"]
+    again = make_method([10] * 4, *noisy).aggregate(3, current, client_round(models, [10] * 4))[0]["w"]
+    other = make_method([10] * 4, *noisy).aggregate(4, current, client_round(models, [10] * 4))[0]["w"]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert first.std() == pytest.approx(2.0 * 0.5 / 4, rel=0.1)  # sigma * clip / m, m = 4 replies
+
+
+def test_only_strategies_that_work_on_the_server_alone_are_offered():
+    from strategies.flower import flower_names
+
+    names = flower_names()
+    assert {"FedAvg", "FedMedian", "Krum", "DifferentialPrivacyServerSideFixedClipping"} <= set(names)
+    assert not {"FedProx", "QFedAvg", "DifferentialPrivacyClientSideFixedClipping"} & set(names)
+    with pytest.raises(ConfigError, match="Flower has no such strategy"):
+        check_config(load_config(QUICKSTART, ["strategy.name=flwr:FedProx"]))

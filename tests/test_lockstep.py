@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.lockstep import batch_plan, lockstep_proximal_mu, train_in_lockstep
+from clients.lockstep import batch_plan, lockstep_possible, lockstep_proximal_mu, train_in_lockstep
 from clients.training import train_locally
 from fedsim.config import ClientSection, load_config
 from fedsim.data.tensors import LocalData
@@ -69,19 +69,21 @@ def context(global_arrays=None) -> ClientContext:
 def test_only_plain_linear_relu_tasks_with_proximal_terms_qualify():
     config = load_config(None, ["model.name=logreg"])
     fedavg = build_method(config)
+    assert lockstep_possible(config, [fedavg], 2)
+    assert not lockstep_possible(config, [fedavg], 1)  # one client: nothing to batch
+    assert not lockstep_possible(config, [QFFL()], 2)  # reports the global model first
+    assert not lockstep_possible(config, [Scaffold()], 2)  # after-training hook
+    assert lockstep_possible(load_config(None, ["model.name=mlp"]), [fedavg], 2)
+    assert not lockstep_possible(load_config(None, ["model.name=cnn"]), [fedavg], 2)
+    for off in ("client.optimizer=adam", "engine.lockstep=false"):
+        assert not lockstep_possible(load_config(None, ["model.name=logreg", off]), [fedavg], 2)
     plans, none = [TrainPlan(), TrainPlan(local_steps=3)], [[], []]
     prox = [[], FedProx({"mu": 0.1}).loss_terms(context())]
-    assert lockstep_proximal_mu(config, [fedavg], plans, none) == [0.0, 0.0]
-    assert lockstep_proximal_mu(config, [FedProx({"mu": 0.1})], plans, prox) == [0.0, 0.1]
-    assert lockstep_proximal_mu(config, [fedavg], plans[:1], none[:1]) is None  # one client
+    assert lockstep_proximal_mu(plans, none) == [0.0, 0.0]
+    assert lockstep_proximal_mu(plans, prox) == [0.0, 0.1]
+    assert lockstep_proximal_mu(plans, [prox[1], prox[1] * 2]) == [0.1, pytest.approx(0.2)]
     parity = [[], [ParityPenalty(ParityPenalty.Params(), context())]]
-    assert lockstep_proximal_mu(config, [fedavg], plans, parity) is None  # another loss term
-    assert lockstep_proximal_mu(config, [QFFL()], plans, none) is None  # reports the global model
-    assert lockstep_proximal_mu(config, [Scaffold()], plans, none) is None  # after-training hook
-    assert lockstep_proximal_mu(load_config(None, ["model.name=mlp"]), [fedavg], plans, none) == [0, 0]
-    assert lockstep_proximal_mu(load_config(None, ["model.name=cnn"]), [fedavg], plans, none) is None
-    assert lockstep_proximal_mu(load_config(None, ["model.name=logreg", "engine.lockstep=false"]),
-                                [fedavg], plans, none) is None
+    assert lockstep_proximal_mu(plans, parity) is None  # another loss term
 
 
 def test_simulation_with_and_without_lockstep_agree(tmp_path, monkeypatch):
