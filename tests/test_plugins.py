@@ -198,3 +198,16 @@ def test_deployed_plugin_files_are_named_inside_the_app_bundle():
     assert build_model(config.model, (1, 12, 12), 10, seed=0)[0].out_channels == 6
     outside = config_from_run_config({"experiment": str(QUICKSTART), "overrides": "model.name=/tmp/m.py:f"})
     assert outside.model.name == "/tmp/m.py:f"  # outside the bundle: left as it is
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "pathological", "shards"])
+def test_a_users_dataset_goes_through_every_label_partition(kind):
+    from fedsim.data.federation import build_federation
+
+    config = load_config(EXAMPLE / "experiment.toml", [f"data.partition.kind={kind}", "data.num_clients=8"])
+    federation = build_federation(config.data, seed=0)
+    held = np.concatenate([*federation.train_idx, *federation.test_idx])
+    assert len(np.unique(held)) == len(held)  # every example with one client at most
+    assert federation.input_shape == (1, 12, 12) and federation.num_classes == 10
+    if kind in ("iid", "dirichlet"):  # these use every training example
+        assert len(held) == len(federation.dataset.y_train)
