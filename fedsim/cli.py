@@ -50,12 +50,13 @@ def round_status(row: dict) -> str:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Bad input or missing data: one `error: ...` line and exit status 2, no traceback."""
+    """Bad input or missing data: one `error: ...` line and exit status 2 (1 for a run that
+    failed after it started), no traceback."""
     try:
         yield
     except FedsimError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=getattr(exc, "exit_code", 2)) from None
 
 
 @app.command()

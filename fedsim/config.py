@@ -210,6 +210,11 @@ class EngineSection(Section):
     timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
     lockstep: bool = Field(True, description="train a worker's logistic-regression or MLP "
                            "clients together with batched matrix products (same result, faster)")
+    max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many consecutive "
+                                   "rounds in which clients failed and none succeeded")
+    on_divergence: Literal["stop", "keep"] = Field("stop", description="a non-finite global model or "
+                                                   "training loss: stop the run, or keep the previous "
+                                                   "model and go on")
 
 
 class OutputSection(Section):

@@ -11,3 +11,10 @@ class ConfigError(FedsimError):
 
 class DataError(FedsimError):
     """A dataset that cannot be found, downloaded, verified or partitioned as asked."""
+
+
+class RunFailed(FedsimError):
+    """A run that started but cannot go on (clients keep failing, the model diverged); the
+    finished rounds are on disk. The command line exits with status 1 for it."""
+
+    exit_code = 1

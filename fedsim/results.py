@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fedsim.config import ExperimentConfig
+from fedsim.errors import FedsimError
 
 SUMMARY_FILE = "summary.json"  # written last: its presence marks a finished run
 
@@ -43,10 +44,15 @@ class RunWriter:
 
     def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
-        (self.run_dir / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2))
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2))
+        except OSError as exc:
+            raise FedsimError(f"cannot write the run directory {self.run_dir}: {exc.strerror or exc}; "
+                              "choose a writable place with --set output.dir=... (or output.run_dir)"
+                              ) from None
 
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
         self.rounds.append(row)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,10 +81,25 @@ def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes:
     return RunSummary(run_dir, rounds, seconds)
 
 
+def oversubscription(config: ExperimentConfig, cores: int) -> str:
+    """A warning when local Ray workers ask for more cores than the machine has, else ''."""
+    engine = config.engine
+    wanted = engine.workers * engine.cpus_per_worker
+    if engine.backend != "ray" or engine.ray_address or wanted <= cores:
+        return ""
+    return (f"engine.workers = {engine.workers} x engine.cpus_per_worker = {engine.cpus_per_worker:g} "
+            f"asks for {wanted:g} cores but this machine has {cores}: the {engine.workers} worker "
+            f"processes (about 0.45 GB of memory each) take turns on {cores} cores, so rounds run "
+            f"slower, not faster (64 workers on 2 cores ran the quickstart 13x slower than 2); "
+            f"set engine.workers = {max(1, int(cores // engine.cpus_per_worker))}")
+
+
 def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None = None,
                    verbose: bool = False) -> RunSummary:
     """Run `config` on its simulation backend and return the run directory and per-round metrics."""
     check_config(config)
+    if warning := oversubscription(config, os.cpu_count() or 1):
+        print(f"warning: {warning}", file=sys.stderr)
     if config.data.embedding == "warmup":
         config = with_warmup_encoder(config, default_run_dir(config), run_experiment)
     if (config.engine.gpus_per_worker > 0 and not config.engine.ray_address

@@ -12,7 +12,7 @@ import torch
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import Federation
-from fedsim.errors import FedsimError
+from fedsim.errors import RunFailed
 from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import group_confusion, parity_gaps
 from fedsim.method import Arrays, ClientResult, RoundResult
@@ -96,6 +96,11 @@ def client_rows(server_round: int, train: list[ClientResult], evaluated: list[Cl
     return [rows[cid] for cid in sorted(rows)]
 
 
+def is_finite(arrays: Arrays) -> bool:
+    """Whether every float array holds only finite values."""
+    return all(np.isfinite(a).all() for a in arrays.values() if np.issubdtype(a.dtype, np.floating))
+
+
 def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLog,
                evaluator: CentralEvaluator, writer: RunWriter,
                progress: ProgressCallback | None = None,
@@ -104,15 +109,23 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
     """Run every round, writing each one's results as soon as it is done; returns final arrays.
 
     `decomposer`, when given, adds the loss decomposition of the round's aggregate to the rows of
-    central-evaluation rounds."""
+    central-evaluation rounds. A non-finite aggregate or training loss stops the run (or, with
+    engine.on_divergence = "keep", is dropped); engine.max_failed_rounds consecutive rounds in
+    which clients failed and none succeeded stop it too. Either way the rounds so far stay on
+    disk and RunFailed says why."""
     arrays = evaluator.initial_arrays()
     writer.add_round({"round": 0, **evaluator(arrays)}, [])
     rounds, every = config.experiment.rounds, config.evaluation.every
+    failed_streak: list[tuple[int, int, str]] = []  # (round, client, error) of each failed round
     for rnd in range(1, rounds + 1):
         started = time.perf_counter()
         new, row, sent = transport.train(rnd, arrays)
         row["train_seconds"] = time.perf_counter() - started
-        if new is not None:
+        diverged = new is not None and not (is_finite(new) and np.isfinite(row["train_loss"]))
+        if diverged:
+            row["diverged"] = 1.0
+            writer.log(f"round {rnd}: diverged (train_loss {row['train_loss']}); global model unchanged")
+        elif new is not None:
             arrays = new
             if decomposer is not None and (rnd % every == 0 or rnd == rounds):
                 row.update(decomposer(rnd, log.train.clients, arrays))
@@ -135,10 +148,21 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
                                           log.train.skipped))
         if progress is not None:
             progress(rnd, row)
-        if failures and not log.train.clients:
-            cid, error = next(iter(failures.items()))
-            raise FedsimError(f"round {rnd}: every client failed ({len(failures)}), e.g. client "
-                              f"{cid}: {error}; rounds 0-{rnd} are in {writer.run_dir}")
+        if diverged and config.engine.on_divergence == "stop":
+            raise RunFailed(f"diverged at round {rnd}: the global model or the training loss "
+                            f"(train_loss = {row['train_loss']}) is not finite; lower client.lr, "
+                            f"or set engine.on_divergence = 'keep'; rounds 0-{rnd} are in {writer.run_dir}")
+        failed_streak = [*failed_streak, (rnd, *next(iter(failures.items())))] if (
+            failures and not log.train.clients) else []
+        if len(failed_streak) >= config.engine.max_failed_rounds:
+            first, cid, error = failed_streak[0]
+            raise RunFailed(f"no client succeeded in {len(failed_streak)} consecutive rounds "
+                            f"({first}-{rnd}, engine.max_failed_rounds); the first error, client "
+                            f"{cid} in round {first}: {error}; rounds 0-{rnd} are in {writer.run_dir}")
+    if len(failed_streak) == rounds:  # a run shorter than max_failed_rounds, every round failed
+        _, cid, error = failed_streak[0]
+        raise RunFailed(f"no client succeeded in any of the {rounds} rounds; the first error, client "
+                        f"{cid} in round 1: {error}; the rounds are in {writer.run_dir}")
     if config.output.save_model:
         writer.save_model(arrays)
     return arrays
