@@ -143,8 +143,8 @@ class ClientSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, values: Any) -> Any:
-        if not isinstance(values, dict) or values.get("preset") is None:
-            return values
+        if not isinstance(values, dict) or not isinstance(values.get("preset"), str):
+            return values  # no preset (a preset of the wrong type: the field's own check says so)
         if values["preset"] not in CLIENT_PRESETS:
             raise ValueError(f"unknown preset '{values['preset']}'; known: {', '.join(CLIENT_PRESETS)}")
         return {**CLIENT_PRESETS[values["preset"]], **values}
