@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import traceback
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -166,6 +167,11 @@ class Worker:
     def components(self) -> list[Component]:
         return [self.method, *self.add_ons]
 
+    @cached_property
+    def broadcast(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each component's broadcast arrays as tensors on the device, once per message."""
+        return {label: _tensors(arrays, self.res.device) for label, arrays in self.task.broadcast.items()}
+
     def contexts(self, index: int, global_arrays: dict[str, torch.Tensor]) -> list[ClientContext]:
         """Client `index`'s context for the method and for each add-on (each sees its own
         broadcast and its own slice of the client's state)."""
@@ -174,9 +180,8 @@ class Worker:
         out = []
         for component in self.components:
             label = component.label()
-            broadcast = {k: torch.as_tensor(v, device=self.res.device)
-                         for k, v in self.task.broadcast.get(label, {}).items()}
-            out.append(ClientContext(client.client_id, self.task.round, plan, global_arrays, broadcast,
+            out.append(ClientContext(client.client_id, self.task.round, plan, global_arrays,
+                                     self.broadcast.get(label, {}),
                                      ClientScope(self.store, client.client_id, label),
                                      self.config.client, self.config.client.lr, self.config.experiment.seed,
                                      self.res.num_classes, model_factory=self.res.new_model,

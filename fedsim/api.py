@@ -17,22 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import ExperimentConfig, apply_overrides, read_toml, validate_config
-from fedsim.plugins import register
-
-PLUGIN_KEYS = (("strategy", "name"), ("model", "name"), ("data", "dataset"))
+from fedsim.plugins import map_plugins, register
 
 
 def _as_names(raw: dict[str, Any]) -> dict[str, Any]:
     """Replace classes and functions at the plugin keys by their import strings."""
-    for section, key in PLUGIN_KEYS:
-        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
-        if value is not None and not isinstance(value, str):
-            raw[section][key] = register(value)
-    objectives = raw.get("client", {}).get("objectives") if isinstance(raw.get("client"), dict) else None
-    if isinstance(objectives, dict):
-        raw["client"]["objectives"] = {k if isinstance(k, str) else register(k): v
-                                       for k, v in objectives.items()}
-    return raw
+    return map_plugins(raw, lambda key, value: value if value is None or isinstance(value, str)
+                       else register(value))
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

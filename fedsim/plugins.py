@@ -97,24 +97,33 @@ def load_object(name: str, key: str) -> Any:
     return obj
 
 
+PLUGIN_KEYS = (("strategy", "name"), ("model", "name"), ("data", "dataset"))  # + objectives' keys
+
+
+def map_plugins(raw: dict[str, Any], change: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """Replace, in a raw spec, each value that can name a plugin (strategy.name, model.name,
+    data.dataset and the keys of client.objectives) by `change(dotted key, value)`."""
+    for section, key in PLUGIN_KEYS:
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][key] = change(f"{section}.{key}", raw[section][key])
+    objectives = raw.get("client", {}).get("objectives") if isinstance(raw.get("client"), dict) else None
+    if isinstance(objectives, dict):
+        raw["client"]["objectives"] = {change(f"client.objectives.{k}", k): v for k, v in objectives.items()}
+    return raw
+
+
 def _rewrite_file_plugins(raw: dict[str, Any], rewrite: Callable[[Path], str | None]) -> dict[str, Any]:
     """Apply `rewrite(path)` (a new path text, or None to keep it) to every `file.py:Name`
     plugin of a raw spec (strategy, model, dataset, local objectives)."""
 
-    def fix(value: Any) -> Any:
+    def fix(key: str, value: Any) -> Any:
         if isinstance(value, str) and is_plugin(value) and not value.startswith(APP):
             where, _, attribute = value.rpartition(":")
             if where.endswith(".py") and (new := rewrite(Path(where).expanduser())) is not None:
                 return f"{new}:{attribute}"
         return value
 
-    for section, key in (("strategy", "name"), ("model", "name"), ("data", "dataset")):
-        if isinstance(raw.get(section), dict) and key in raw[section]:
-            raw[section][key] = fix(raw[section][key])
-    objectives = raw.get("client", {}).get("objectives") if isinstance(raw.get("client"), dict) else None
-    if isinstance(objectives, dict):
-        raw["client"]["objectives"] = {fix(k): v for k, v in objectives.items()}
-    return raw
+    return map_plugins(raw, fix)
 
 
 def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from fedsim.engine.cohort import cohort_size
 from fedsim.errors import ConfigError
 from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
 from fedsim.models import check_model
-from fedsim.plugins import is_plugin, is_process_local, load_object
+from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
 from fedsim.terms import ParityPenalty, Proximal
 from strategies.fairfed import FairFed
 from strategies.fedavg import FedAvg
@@ -112,9 +112,8 @@ def _check_params(model: type[BaseModel], params: dict[str, Any], key: str, owne
 
 def plugin_names(config: ExperimentConfig) -> dict[str, str]:
     """The import strings of a spec, by the key that names them."""
-    names = {"strategy.name": config.strategy.name, "model.name": config.model.name,
-             "data.dataset": config.data.dataset}
-    names.update({f"client.objectives.{k}": k for k in config.client.objectives})
+    names: dict[str, str] = {}
+    map_plugins(config.to_json_dict(), lambda key, name: names.setdefault(key, name))
     return {key: name for key, name in names.items() if is_plugin(name)}
 
 
@@ -155,8 +154,8 @@ def check_config(config: ExperimentConfig) -> None:
 def check_groups(config: ExperimentConfig, has_groups: bool) -> None:
     """Refuse a strategy or local objective that reads sensitive groups when the data have none
     (known from the dataset's name, or from a user's dataset once it has loaded)."""
-    needs = [f"strategy '{method_class(config.strategy.name).label()}'"
-             ] if method_class(config.strategy.name).needs_groups else []
+    method = method_class(config.strategy.name)
+    needs = [f"strategy '{method.label()}'"] if method.needs_groups else []
     needs += [f"local objective '{name}'" for name in config.client.objectives
               if term_class(name).needs_groups]
     if needs and not has_groups:
