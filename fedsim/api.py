@@ -50,13 +50,14 @@ def experiment(source: Mapping[str, Any] | str | Path | None = None, *overrides:
 
 
 def run(spec: ExperimentConfig | Mapping[str, Any] | str | Path, *overrides: str,
-        progress=None, verbose: bool = False, **sections: Any):
+        progress=None, verbose: bool = False, resume: bool = False, **sections: Any):
     """Run an experiment (a config, or what `experiment` takes) and return its RunSummary: the run
     directory, the per-round table and the seconds it took. `progress(round, row)` is called
-    after every round."""
+    after every round. With `resume`, an unfinished run in output.run_dir continues from its last
+    checkpoint."""
     from fedsim.runner import run_experiment
 
     if not isinstance(spec, ExperimentConfig) or overrides or sections:
         source = spec.to_json_dict() if isinstance(spec, ExperimentConfig) else spec
         spec = experiment(source, *overrides, **sections)
-    return run_experiment(spec, progress=progress, verbose=verbose)
+    return run_experiment(spec, progress=progress, verbose=verbose, resume=resume)

@@ -61,18 +61,33 @@ def user_errors() -> Iterator[None]:
 
 @app.command()
 def run(
-    experiment: Annotated[Path, typer.Argument(help="experiment spec (TOML)")],
+    experiment: Annotated[Path | None, typer.Argument(help="experiment spec (TOML)")] = None,
     set_: Annotated[list[str], typer.Option(
         "--set", help="override a key: --set strategy.name=fedprox")] = [],  # noqa: B006
+    resume: Annotated[Path | None, typer.Option(
+        help="continue this unfinished run directory from its last checkpoint (with a spec: "
+             "only if the spec still describes that run)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
 ) -> None:
-    """Run one federated simulation and write its run directory."""
+    """Run one federated simulation and write its run directory (or continue one: --resume)."""
     from fedsim.config import load_config
     from fedsim.registry import check_config
+    from fedsim.results import with_run_dir
+    from fedsim.resume import saved_config
     from fedsim.runner import run_experiment
 
     with user_errors():
-        config = load_config(experiment, set_)
+        if experiment is None and resume is None:
+            raise FedsimError("give an experiment spec (fedsim run experiments/quickstart.toml), "
+                              "or a run directory to continue (fedsim run --resume RUN_DIR)")
+        if resume is None:
+            config = load_config(experiment, set_)
+        elif experiment is None:
+            config = saved_config(resume)
+        else:
+            saved_config(resume)  # it must be a run directory
+            config = load_config(experiment, [*set_, f"output.run_dir={resume}"])
+        config = with_run_dir(config)
         check_config(config)
         rounds = config.experiment.rounds
         columns = [TextColumn("round {task.completed}/{task.total}"), BarColumn(),
@@ -84,7 +99,14 @@ def run(
             def progress(rnd: int, row: dict) -> None:
                 bar.update(task, completed=rnd, status=round_status(row))
 
-            summary = run_experiment(config, progress=progress, verbose=verbose)
+            try:
+                summary = run_experiment(config, progress=progress, verbose=verbose,
+                                         resume=resume is not None)
+            except KeyboardInterrupt:
+                run_dir = config.output.run_dir
+                console.print(f"interrupted: the finished rounds and the last checkpoint are in {run_dir}; "
+                              f"continue with `fedsim run --resume {run_dir}`", soft_wrap=True)
+                raise typer.Exit(code=130) from None
     console.print(_summary_table(summary.rounds))
     console.print(f"run directory: {summary.run_dir}  ({summary.seconds:.1f} s)", soft_wrap=True)
 
@@ -96,7 +118,8 @@ def compare(
         "--set", help="override a key of the base experiment")] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
 ) -> None:
-    """Run every cell of a comparison grid (finished cells are skipped) and tabulate them."""
+    """Run every cell of a comparison grid (finished cells are skipped, interrupted ones continue
+    from their checkpoints) and tabulate them."""
     from fedsim.compare import load_comparison, run_comparison
     from fedsim.runner import run_experiment
 
@@ -119,7 +142,7 @@ def compare(
             def progress(rnd: int, row: dict) -> None:
                 bar.update(rounds, completed=rnd, status=round_status(row))
 
-            run_experiment(cell.config, progress=progress, verbose=verbose)
+            run_experiment(cell.config, progress=progress, verbose=verbose, resume=True)
             bar.advance(grid)
 
         table = run_comparison(folder, cells, run_cell, announce)

@@ -221,6 +221,10 @@ class OutputSection(Section):
     dir: Path = Path("runs")
     run_dir: Path | None = Field(None, description="exact run directory (default: dir/name-time)")
     save_model: bool = True
+    checkpoint_every: int | None = Field(None, ge=0, description="rounds between checkpoints "
+                                         "(0: none; default: every 10th round, and after every "
+                                         "round that took more than 2 s)")
+    checkpoint_keep: int = Field(1, ge=1, description="checkpoints kept on disk (the newest)")
 
 
 class DeploymentSection(Section):

@@ -185,6 +185,14 @@ class Component:
         (called before anything runs; its parameters are already checked)."""
 
     # ---- server half ------------------------------------------------------------------------
+    def save_state(self) -> Arrays:
+        """All the server half carries between rounds, for a checkpoint: `self.state`."""
+        return dict(self.state)
+
+    def load_state(self, state: Arrays) -> None:
+        """Continue from a checkpoint's `save_state()`."""
+        self.state = dict(state)
+
     def broadcast(self, server_round: int, current: Arrays) -> Arrays:
         """Arrays every training message carries once for all its clients (a control variate)."""
         return {}

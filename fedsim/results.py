@@ -1,6 +1,9 @@
 """The run directory: resolved config, per-round and per-client tables, final model, log.
 
-Tables are rewritten atomically after every round, so a crash keeps every finished round.
+While a run goes on, every finished round is appended to `rounds.jsonl` and `clients.jsonl`
+(one JSON object per line: constant work per round, and a crash at any point keeps every round
+written before it). When the run stops, the tables are written once as `rounds.parquet` and
+`clients.parquet`; a finished run then drops its journals. `read_table` reads either.
 """
 
 from __future__ import annotations
@@ -33,33 +36,101 @@ def default_run_dir(config: ExperimentConfig) -> Path:
     return path
 
 
-def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
+def with_run_dir(config: ExperimentConfig) -> ExperimentConfig:
+    """`config` with its run directory decided (output.run_dir set to `default_run_dir`)."""
+    output = config.output.model_copy(update={"run_dir": default_run_dir(config)})
+    return config.model_copy(update={"output": output})
+
+
+TABLES = ("rounds", "clients")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot record {type(value).__name__} {value!r} in a results table")
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The rows of a journal; a last line cut off by a crash is left out."""
+    rows = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # only the line being written when the process died can be incomplete
+    return rows
+
+
+def read_table(run_dir: Path, name: str) -> pd.DataFrame:
+    """A run's `rounds` or `clients` table, whether it finished, stopped or was killed (empty when
+    it has none)."""
+    journal, table = Path(run_dir) / f"{name}.jsonl", Path(run_dir) / f"{name}.parquet"
+    if journal.is_file():
+        return pd.DataFrame(read_journal(journal))
+    return pd.read_parquet(table) if table.is_file() else pd.DataFrame()
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_summary(run_dir: Path, rounds: pd.DataFrame, seconds: float) -> None:
+    """`summary.json`, whose presence marks a finished run: rounds, seconds, the final and best
+    test accuracy (the clients' local accuracy when the server has no test set)."""
+    column = "test_accuracy" if "test_accuracy" in rounds else "client_eval_accuracy"
+    accuracy = rounds[column].dropna() if column in rounds else pd.Series(dtype=float)
+    summary = {"rounds": int(rounds["round"].max()), "seconds": seconds,
+               "final_accuracy": float(accuracy.iloc[-1]) if len(accuracy) else float("nan"),
+               "best_accuracy": float(accuracy.max()) if len(accuracy) else float("nan")}
+    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
 class RunWriter:
     """Writes one run's results as they come in."""
 
-    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+    def __init__(self, run_dir: Path, config: ExperimentConfig, resume_after: int | None = None) -> None:
+        """A new run (its journals start empty), or with `resume_after` = r a run continued from
+        its checkpoint of round r (rows of later rounds are dropped: they will be run again)."""
         self.run_dir = Path(run_dir)
-        self.rounds: list[dict[str, Any]] = []
-        self.clients: list[dict[str, Any]] = []
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2))
+            for name in TABLES:
+                kept = [] if resume_after is None else [
+                    row for row in read_table(self.run_dir, name).to_dict("records")
+                    if row["round"] <= resume_after]
+                _replace_atomically(self._journal(name), lambda tmp, rows=kept: self._append(tmp, rows))
         except OSError as exc:
             raise FedsimError(f"cannot write the run directory {self.run_dir}: {exc.strerror or exc}; "
                               "choose a writable place with --set output.dir=... (or output.run_dir)"
                               ) from None
 
+    def _journal(self, name: str) -> Path:
+        return self.run_dir / f"{name}.jsonl"
+
+    @staticmethod
+    def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+        with open(path, "a") as handle:
+            handle.writelines(json.dumps(row, default=_json_value) + "\n" for row in rows)
+
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
-        self.rounds.append(row)
-        _write_parquet(self.rounds, self.run_dir / "rounds.parquet")
-        if client_rows:
-            self.clients.extend(client_rows)
-            _write_parquet(self.clients, self.run_dir / "clients.parquet")
+        """Append one finished round (its row and its clients' rows) to the journals."""
+        self._append(self._journal("clients"), client_rows)
+        self._append(self._journal("rounds"), [row])
+
+    def write_tables(self, finished: bool) -> None:
+        """The journals as parquet tables (atomically); a finished run drops its journals."""
+        for name in TABLES:
+            table = read_table(self.run_dir, name)
+            _replace_atomically(self.run_dir / f"{name}.parquet",
+                                lambda tmp, t=table: t.to_parquet(tmp, index=False))
+            if finished:
+                self._journal(name).unlink()
 
     def save_federation(self, counts: np.ndarray, title: str = "") -> None:
         """The data split: per-client label counts, heterogeneity statistics, a heatmap."""
@@ -77,16 +148,13 @@ class RunWriter:
     def save_model(self, arrays: dict[str, np.ndarray]) -> None:
         np.savez(self.run_dir / "model.npz", **arrays)
 
-    def finish(self, rounds: pd.DataFrame, seconds: float) -> None:
-        """Mark the run complete: `summary.json` with the final and best test accuracy (the
-        clients' local accuracy when the server has no test set)."""
-        column = "test_accuracy" if "test_accuracy" in rounds else "client_eval_accuracy"
-        accuracy = rounds[column].dropna() if column in rounds else pd.Series(dtype=float)
-        summary = {"rounds": int(rounds["round"].max()), "seconds": seconds,
-                   "final_accuracy": float(accuracy.iloc[-1]) if len(accuracy) else float("nan"),
-                   "best_accuracy": float(accuracy.max()) if len(accuracy) else float("nan")}
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    def finish(self, seconds: float) -> pd.DataFrame:
+        """Mark the run complete: its tables, then `summary.json`; returns the rounds table."""
+        self.write_tables(finished=True)
+        rounds = read_table(self.run_dir, "rounds")
+        write_summary(self.run_dir, rounds, seconds)
         self.log(f"done in {seconds:.1f} s")
+        return rounds
 
     def log(self, line: str) -> None:
         with open(self.run_dir / "log.txt", "a") as handle:

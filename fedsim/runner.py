@@ -19,6 +19,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.data.stats import label_counts
 from fedsim.decomposition import LossDecomposer
+from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints
 from fedsim.engine.inprocess import InProcessGrid, server_task_identity
 from fedsim.engine.server import CentralEvaluator, ProgressCallback, RoundLog, run_rounds
 from fedsim.engine.strategy import FedsimStrategy
@@ -27,6 +28,7 @@ from fedsim.errors import ConfigError
 from fedsim.method import RunInfo
 from fedsim.registry import build_add_ons, build_method, check_config, check_groups
 from fedsim.results import RunWriter, default_run_dir
+from fedsim.resume import resumable_checkpoint
 from fedsim.warmup import with_warmup_encoder
 
 
@@ -53,31 +55,41 @@ Start = Callable[[FedsimStrategy, Callable[[GridTransport], None]], None]
 def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes: np.ndarray,
             label_table: np.ndarray, start: Start, progress: ProgressCallback | None = None,
             decomposer: LossDecomposer | None = None, where: str = "",
-            placement: dict | None = None) -> RunSummary:
+            placement: dict | None = None, resume: Checkpoint | None = None) -> RunSummary:
     """Record the federation, build the method and the strategy around it, and run every round
     through the transport that `start(strategy, loop)` hands to `loop`; shared by simulation and
-    deployment (`placement`: the strategy's placement and data_info keywords)."""
+    deployment (`placement`: the strategy's placement and data_info keywords). With `resume`, the
+    run continues after that checkpoint's round. However the run stops, its tables are written."""
     run_dir = default_run_dir(config)
-    writer = RunWriter(run_dir, config)
-    writer.save_federation(label_table, f"{config.data.dataset}, {config.data.partition.kind} partition")
+    writer = RunWriter(run_dir, config, resume_after=resume.round if resume else None)
+    if resume is None:
+        writer.save_federation(label_table, f"{config.data.dataset}, {config.data.partition.kind} partition")
     run = RunInfo([name for name, _ in evaluator.model.named_parameters()], np.asarray(client_sizes),
                   config.client, config.experiment.seed)
     method, add_ons = build_method(config, run), build_add_ons(config, run)
     log = RoundLog()
     strategy = FedsimStrategy(config, method, add_ons, client_sizes, log, **(placement or {}))
+    checkpoints = RunCheckpoints(run_dir, strategy, config.output.checkpoint_every,
+                                 config.output.checkpoint_keep)
+    if resume is not None:
+        checkpoints.restore(resume)
     started = time.perf_counter()
     writer.log(f"start: {config.strategy.name} on {config.data.dataset}, "
                f"{len(client_sizes)} clients, {where or 'backend ' + config.engine.backend}")
 
     def loop(transport: GridTransport) -> None:
-        if any(c.has_setup_phase for c in (method, *add_ons)):
+        if resume is None and any(c.has_setup_phase for c in strategy.components):
             run_setup_phase(transport, writer)
-        run_rounds(config, transport, log, evaluator, writer, progress, decomposer)
+        run_rounds(config, transport, log, evaluator, writer, progress, decomposer, checkpoints, resume)
 
-    start(strategy, loop)
+    try:
+        start(strategy, loop)
+    except BaseException:
+        writer.write_tables(finished=False)
+        raise
     seconds = time.perf_counter() - started
-    rounds = pd.read_parquet(run_dir / "rounds.parquet")
-    writer.finish(rounds, seconds)
+    rounds = writer.finish(seconds)
+    checkpoints.remove()
     return RunSummary(run_dir, rounds, seconds)
 
 
@@ -95,13 +107,16 @@ def oversubscription(config: ExperimentConfig, cores: int) -> str:
 
 
 def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None = None,
-                   verbose: bool = False) -> RunSummary:
-    """Run `config` on its simulation backend and return the run directory and per-round metrics."""
+                   verbose: bool = False, resume: bool = False) -> RunSummary:
+    """Run `config` on its simulation backend and return the run directory and per-round metrics.
+    With `resume`, a run directory (output.run_dir) that holds a checkpoint of the same experiment
+    continues from it (a different experiment is refused, naming the keys that differ)."""
     check_config(config)
     if warning := oversubscription(config, os.cpu_count() or 1):
         print(f"warning: {warning}", file=sys.stderr)
     if config.data.embedding == "warmup":
         config = with_warmup_encoder(config, default_run_dir(config), run_experiment)
+    checkpoint = resumable_checkpoint(config) if resume else None
     if (config.engine.gpus_per_worker > 0 and not config.engine.ray_address
             and not torch.cuda.is_available()):
         raise ConfigError("engine.gpus_per_worker > 0 but no CUDA GPU is visible here; "
@@ -127,4 +142,4 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
                        verbose)
 
     return execute(config, evaluator, federation.train_sizes, label_counts(federation), start,
-                   progress, decomposer)
+                   progress, decomposer, resume=checkpoint)

@@ -18,6 +18,7 @@ reproducible. The Flower strategy's own client sampling sees exactly the cohort 
 from __future__ import annotations
 
 import inspect
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -135,6 +136,15 @@ class FlowerStrategy(Method):
         if run is not None:  # the server half
             extra = dict(self.params.model_extra or {})
             self.flower = build_flower_strategy(self.flower_name, extra, cohort_size)
+
+    def save_state(self) -> Arrays:
+        """The Flower strategy keeps its state in its own attributes (FedAdam's moments, an
+        adaptive clip): a checkpoint holds the whole object, pickled."""
+        return {"flower": np.frombuffer(pickle.dumps(self.flower), dtype=np.uint8)}
+
+    def load_state(self, state: Arrays) -> None:
+        if "flower" in state:
+            self.flower = pickle.loads(state["flower"].tobytes())  # noqa: S301 - the run's own file
 
     def aggregate(self, server_round: int, current: Arrays,
                   result: RoundResult) -> tuple[Arrays, dict[str, float]]:

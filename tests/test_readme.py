@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import re
+import typing
 from pathlib import Path
 
 import numpy as np
 from typer.testing import CliRunner
 
+from fedsim.config import ExperimentConfig
 from fedsim.method import ClientResult, RoundResult
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -33,6 +35,29 @@ def test_every_dotted_fedsim_name_in_the_readme_imports():
     assert len(names) >= 6
     for name in names:
         assert resolve(name) is not None, name
+
+
+def is_config_key(dotted: str) -> bool:
+    """Whether `a.b.c` names a field of the experiment spec (or a key a section lets users add)."""
+    model = ExperimentConfig
+    for part in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return False
+        if part not in fields:
+            return model.model_config.get("extra") == "allow"
+        annotation = fields[part].annotation
+        model = next((t for t in (annotation, *typing.get_args(annotation)) if hasattr(t, "model_fields")),
+                     None)
+    return True
+
+
+def test_every_config_key_in_the_readme_exists():
+    names = set(re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)+)(?: ?=[^`]*)?`", README))
+    keys = sorted(n for n in names if n.split(".")[0] in ExperimentConfig.model_fields)
+    assert "output.checkpoint_every" in keys and len(keys) > 20
+    assert [k for k in keys if not is_config_key(k)] == []
+    assert not is_config_key("output.checkpoint_evry") and not is_config_key("client.lr.x")
 
 
 def test_the_readme_method_example_runs_as_written():

@@ -129,14 +129,14 @@ def test_a_grid_over_seeds_only_is_one_level_and_missing_cells_are_fine(comparis
 def test_report_of_a_run_without_a_central_test_set(tmp_path):
     """A deployment with `central_test = "none"` records only the clients' local accuracy."""
     from fedsim.config import load_config
-    from fedsim.results import RunWriter
+    from fedsim.results import write_summary
 
     config = load_config(None, ["experiment.rounds=2", "engine.backend=inprocess",
                                 f"output.dir={tmp_path}", "model.name=logreg"])
     run = run_experiment(config)
     rounds = run.rounds.drop(columns=[c for c in run.rounds if c.startswith("test_")])
     rounds.to_parquet(run.run_dir / "rounds.parquet")
-    RunWriter(run.run_dir, config).finish(rounds, run.seconds)
+    write_summary(run.run_dir, rounds, run.seconds)
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["final_accuracy"] == pytest.approx(rounds["client_eval_accuracy"].iloc[-1])
     table = pd.read_csv(build_report([run.run_dir], tmp_path / "r.html").with_suffix(".csv"))

@@ -31,7 +31,7 @@ from fedsim.engine.ray_backend import QUIET_ENV
 from fedsim.engine.server import ProgressCallback
 from fedsim.errors import FedsimError
 from fedsim.registry import check_config
-from fedsim.results import SUMMARY_FILE, default_run_dir
+from fedsim.results import SUMMARY_FILE, default_run_dir, read_table
 
 HOST = "127.0.0.1"
 CONNECTION = "fedsim-local"  # the SuperLink's name in the workspace's Flower config
@@ -246,11 +246,12 @@ class LocalDeployment:
 
 
 def read_rounds(run_dir: Path) -> pd.DataFrame | None:
-    """The rounds written so far (None before the first, or while the file is being replaced)."""
+    """The rounds written so far (None before the first)."""
     try:
-        return pd.read_parquet(run_dir / "rounds.parquet")
-    except (FileNotFoundError, OSError, ValueError):
+        rounds = read_table(run_dir, "rounds")
+    except (OSError, ValueError):
         return None
+    return rounds if len(rounds) else None
 
 
 def _interrupt(signum, frame) -> None:

@@ -33,8 +33,10 @@ def backend_config(config: ExperimentConfig, verbose: bool) -> dict:
     else:  # "local": never attach to a cluster someone started with `ray start` on this machine
         init_args["address"] = "local"
         init_args["num_cpus"] = max(1, round(engine.workers * engine.cpus_per_worker))
+    # max_restarts (passed on to Ray's actor options): a worker process that dies is restarted;
+    # the clients it was training that round fail, the next rounds have all the workers again
     return {"client_resources": {"num_cpus": engine.cpus_per_worker,
-                                 "num_gpus": engine.gpus_per_worker},
+                                 "num_gpus": engine.gpus_per_worker, "max_restarts": -1},
             "init_args": init_args}
 
 

@@ -12,6 +12,7 @@ import torch
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import Federation
+from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints
 from fedsim.errors import RunFailed
 from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import group_confusion, parity_gaps
@@ -105,19 +106,27 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
                evaluator: CentralEvaluator, writer: RunWriter,
                progress: ProgressCallback | None = None,
                decomposer: Callable[[int, list[ClientResult], Arrays], dict[str, float]] | None = None,
-               ) -> Arrays:
+               checkpoints: RunCheckpoints | None = None, resume: Checkpoint | None = None) -> Arrays:
     """Run every round, writing each one's results as soon as it is done; returns final arrays.
 
     `decomposer`, when given, adds the loss decomposition of the round's aggregate to the rows of
     central-evaluation rounds. A non-finite aggregate or training loss stops the run (or, with
     engine.on_divergence = "keep", is dropped); engine.max_failed_rounds consecutive rounds in
     which clients failed and none succeeded stop it too. Either way the rounds so far stay on
-    disk and RunFailed says why."""
-    arrays = evaluator.initial_arrays()
-    writer.add_round({"round": 0, **evaluator(arrays)}, [])
+    disk and RunFailed says why.
+
+    `checkpoints` saves the run's state after the rounds it says are due; `resume` continues
+    from a checkpoint (whose server and client state the strategy already holds)."""
     rounds, every = config.experiment.rounds, config.evaluation.every
     failed_streak: list[tuple[int, int, str]] = []  # (round, client, error) of each failed round
-    for rnd in range(1, rounds + 1):
+    if resume is None:
+        arrays = evaluator.initial_arrays()
+        writer.add_round({"round": 0, **evaluator(arrays)}, [])
+    else:
+        arrays = resume.arrays
+        failed_streak = [tuple(entry) for entry in resume.engine["failed_streak"]]
+        writer.log(f"resumed after round {resume.round} from its checkpoint")
+    for rnd in range((resume.round if resume else 0) + 1, rounds + 1):
         started = time.perf_counter()
         new, row, sent = transport.train(rnd, arrays)
         row["train_seconds"] = time.perf_counter() - started
@@ -159,6 +168,8 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
             raise RunFailed(f"no client succeeded in {len(failed_streak)} consecutive rounds "
                             f"({first}-{rnd}, engine.max_failed_rounds); the first error, client "
                             f"{cid} in round {first}: {error}; rounds 0-{rnd} are in {writer.run_dir}")
+        if checkpoints is not None and rnd < rounds and checkpoints.due(rnd, row["seconds"]):
+            checkpoints.save(rnd, arrays, {"failed_streak": failed_streak})
     if len(failed_streak) == rounds:  # a run shorter than max_failed_rounds, every round failed
         _, cid, error = failed_streak[0]
         raise RunFailed(f"no client succeeded in any of the {rounds} rounds; the first error, client "

@@ -50,6 +50,11 @@ class FedsimStrategy(Strategy):
         self._sent: list[Message] = []
 
     @property
+    def components(self) -> list[Method | AddOn]:
+        """The method and its add-ons."""
+        return [self.method, *self.add_ons]
+
+    @property
     def replies_per_client(self) -> bool:
         """Whether workers reply with every client's arrays instead of pre-aggregated sums (the
         loss decomposition needs every client's model)."""
@@ -62,13 +67,14 @@ class FedsimStrategy(Strategy):
         deployed, one task per client (each node holds one client)."""
         broadcast = {}
         if train:
-            for component in (self.method, *self.add_ons):
+            for component in self.components:
                 if shared := component.broadcast(server_round, arrays):
                     broadcast[component.label()] = shared
         reduce = None if (self.replies_per_client or not train) else dict(self.method.outputs)
         groups = ([[cid] for cid in cohort] if self.placement is not None
                   else pack_balanced(cohort, self.sampler.client_sizes, num_workers))
         experiment = self.config.to_json_dict()
+        experiment.pop("output")  # where the server writes results is no business of the workers
         tasks = []
         for group in groups:
             if not group:
@@ -228,7 +234,7 @@ class FedsimStrategy(Strategy):
             raise FedsimError(f"the setup phase failed on {len(result.failures)} client(s), "
                                f"e.g. client {cid}: {error}")
         summaries = {}
-        for component in (self.method, *self.add_ons):
+        for component in self.components:
             if component.has_setup_phase:
                 label = component.label()
                 reports = {c.client_id: c.outputs[label] for c in result.clients}

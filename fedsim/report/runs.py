@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsim.results import SUMMARY_FILE
+from fedsim.results import SUMMARY_FILE, read_table
 
 
 @dataclass
@@ -28,13 +28,11 @@ class RunRecord:
 
 def _read(run_dir: Path, variant: str | None = None, level: str = "") -> RunRecord:
     config = json.loads((run_dir / "config.json").read_text())
-    clients = run_dir / "clients.parquet"
     federation = run_dir / "federation.parquet"
     return RunRecord(
         run_dir=run_dir, variant=variant or config["strategy"]["name"], level=level,
         seed=int(config["experiment"]["seed"]), config=config,
-        rounds=pd.read_parquet(run_dir / "rounds.parquet"),
-        clients=pd.read_parquet(clients) if clients.is_file() else pd.DataFrame(),
+        rounds=read_table(run_dir, "rounds"), clients=read_table(run_dir, "clients"),
         federation=pd.read_parquet(federation) if federation.is_file() else None,
         summary=json.loads((run_dir / SUMMARY_FILE).read_text()))
 
