@@ -71,6 +71,7 @@ def run(
 ) -> None:
     """Run one federated simulation and write its run directory (or continue one: --resume)."""
     from fedsim.config import load_config
+    from fedsim.engine.checkpoint import saved_rounds
     from fedsim.registry import check_config
     from fedsim.results import with_run_dir
     from fedsim.resume import saved_config
@@ -104,7 +105,9 @@ def run(
                                          resume=resume is not None)
             except KeyboardInterrupt:
                 run_dir = config.output.run_dir
-                console.print(f"interrupted: the finished rounds and the last checkpoint are in {run_dir}; "
+                saved = saved_rounds(run_dir)
+                console.print(f"interrupted: the finished rounds are in {run_dir} "
+                              f"({f'last checkpoint: round {saved[-1]}' if saved else 'no checkpoint yet'}); "
                               f"continue with `fedsim run --resume {run_dir}`", soft_wrap=True)
                 raise typer.Exit(code=130) from None
     console.print(_summary_table(summary.rounds))

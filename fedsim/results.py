@@ -63,6 +63,21 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def journal_lines(path: Path, last_round: int) -> list[str]:
+    """A journal's complete lines of rounds up to `last_round`, exactly as written."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # cut off by a crash
+        if row["round"] <= last_round:
+            kept.append(line + "\n")
+    return kept
+
+
 def read_table(run_dir: Path, name: str) -> pd.DataFrame:
     """A run's `rounds` or `clients` table, whether it finished, stopped or was killed (empty when
     it has none)."""
@@ -99,12 +114,13 @@ class RunWriter:
         self.run_dir = Path(run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2))
+            if resume_after is None:
+                text = json.dumps(config.to_json_dict(), indent=2)
+                _replace_atomically(self.run_dir / "config.json", lambda tmp: tmp.write_text(text))
             for name in TABLES:
-                kept = [] if resume_after is None else [
-                    row for row in read_table(self.run_dir, name).to_dict("records")
-                    if row["round"] <= resume_after]
-                _replace_atomically(self._journal(name), lambda tmp, rows=kept: self._append(tmp, rows))
+                kept = [] if resume_after is None else journal_lines(self._journal(name), resume_after)
+                _replace_atomically(self._journal(name),
+                                    lambda tmp, lines=kept: tmp.write_text("".join(lines)))
         except OSError as exc:
             raise FedsimError(f"cannot write the run directory {self.run_dir}: {exc.strerror or exc}; "
                               "choose a writable place with --set output.dir=... (or output.run_dir)"
@@ -113,15 +129,15 @@ class RunWriter:
     def _journal(self, name: str) -> Path:
         return self.run_dir / f"{name}.jsonl"
 
-    @staticmethod
-    def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-        with open(path, "a") as handle:
-            handle.writelines(json.dumps(row, default=_json_value) + "\n" for row in rows)
-
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
         """Append one finished round (its row and its clients' rows) to the journals."""
-        self._append(self._journal("clients"), client_rows)
-        self._append(self._journal("rounds"), [row])
+        try:
+            for name, rows in (("clients", client_rows), ("rounds", [row])):
+                with open(self._journal(name), "a") as handle:
+                    handle.writelines(json.dumps(r, default=_json_value) + "\n" for r in rows)
+        except OSError as exc:
+            raise FedsimError(f"cannot record round {row['round']} in {self.run_dir}: "
+                              f"{exc.strerror or exc}; the rounds before it are kept") from None
 
     def write_tables(self, finished: bool) -> None:
         """The journals as parquet tables (atomically); a finished run drops its journals."""

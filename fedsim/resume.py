@@ -4,11 +4,12 @@ with a different one (naming every key that differs)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedsim.config import ExperimentConfig, validate_config
-from fedsim.engine.checkpoint import Checkpoint, latest_checkpoint
+from fedsim.engine.checkpoint import Checkpoint, latest_checkpoint, remove_checkpoints
 from fedsim.errors import ConfigError
 from fedsim.results import SUMMARY_FILE
 
@@ -49,17 +50,24 @@ def saved_config(run_dir: Path) -> ExperimentConfig:
 
 def resumable_checkpoint(config: ExperimentConfig) -> Checkpoint | None:
     """The checkpoint `config`'s run directory can continue from, or None (nothing saved yet:
-    the run starts from round 0). A finished run, or a checkpoint of a different experiment, is
-    refused."""
+    the run starts again from round 0, and says so). A finished run, or a checkpoint of a
+    different experiment, is refused."""
     run_dir = config.output.run_dir
     if run_dir is None:
         raise ConfigError("continuing a run needs its directory: set output.run_dir")
     if (run_dir / SUMMARY_FILE).is_file():
+        remove_checkpoints(run_dir)  # left behind by a kill after the run finished
         raise ConfigError(f"{run_dir} is a finished run: there is nothing to resume")
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+    saved = run_dir / "config.json"
+    if checkpoint is not None:
+        ran = checkpoint.engine["experiment"]
+    elif saved.is_file():
+        ran = json.loads(saved.read_text())
+        print(f"note: {run_dir} has no checkpoint yet: starting it again from round 0", file=sys.stderr)
+    else:
         return None
-    changed = differences(json.loads((run_dir / "config.json").read_text()), config.to_json_dict())
+    changed = differences(ran, config.to_json_dict())
     if changed:
         raise ConfigError(f"the experiment differs from the one {run_dir} ran, so it cannot continue "
                           f"that run: {'; '.join(changed)}. Restore those settings, continue with the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -19,7 +20,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.data.stats import label_counts
 from fedsim.decomposition import LossDecomposer
-from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints
+from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints, remove_checkpoints
 from fedsim.engine.inprocess import InProcessGrid, server_task_identity
 from fedsim.engine.server import CentralEvaluator, ProgressCallback, RoundLog, run_rounds
 from fedsim.engine.strategy import FedsimStrategy
@@ -69,10 +70,13 @@ def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes:
     method, add_ons = build_method(config, run), build_add_ons(config, run)
     log = RoundLog()
     strategy = FedsimStrategy(config, method, add_ons, client_sizes, log, **(placement or {}))
-    checkpoints = RunCheckpoints(run_dir, strategy, config.output.checkpoint_every,
-                                 config.output.checkpoint_keep)
+    # deployed, the clients' state lives on their nodes, out of a checkpoint's reach: none are made
+    every = 0 if placement is not None else config.output.checkpoint_every
+    checkpoints = RunCheckpoints(run_dir, strategy, every, config.output.checkpoint_keep)
     if resume is not None:
         checkpoints.restore(resume)
+    else:
+        remove_checkpoints(run_dir)
     started = time.perf_counter()
     writer.log(f"start: {config.strategy.name} on {config.data.dataset}, "
                f"{len(client_sizes)} clients, {where or 'backend ' + config.engine.backend}")
@@ -85,11 +89,12 @@ def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes:
     try:
         start(strategy, loop)
     except BaseException:
-        writer.write_tables(finished=False)
+        with contextlib.suppress(OSError):  # e.g. a full disk: the journals hold every round
+            writer.write_tables(finished=False)
         raise
     seconds = time.perf_counter() - started
     rounds = writer.finish(seconds)
-    checkpoints.remove()
+    remove_checkpoints(run_dir)
     return RunSummary(run_dir, rounds, seconds)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def with_warmup_encoder(config: ExperimentConfig, run_dir: Path,
                             warm.experiment.seed)
         with np.load(warm.output.run_dir / "model.npz") as trained:
             model.load_state_dict({k: torch.as_tensor(trained[k]) for k in trained.files})
-        torch.save(feature_extractor(model), encoder_path)
+        partial = encoder_path.with_name(encoder_path.name + ".tmp")
+        torch.save(feature_extractor(model), partial)
+        os.replace(partial, encoder_path)  # a killed run leaves no half-written encoder
     raw = config.to_json_dict()
     raw["data"]["embedding"] = str(encoder_path.resolve())
     raw["output"]["run_dir"] = str(run_dir)

@@ -41,7 +41,8 @@ class Checkpoint:
     arrays: Arrays  # the global model
     components: dict[str, Arrays]  # each method's and add-on's saved state, by label
     client_state: dict[int, dict[str, Arrays]]  # client id -> component label -> arrays
-    engine: dict[str, Any] = field(default_factory=dict)  # simulated clock, failed-round streak
+    engine: dict[str, Any] = field(default_factory=dict)  # simulated clock, failed-round streak,
+    # and the resolved experiment the run was started with
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -121,6 +122,15 @@ def saved_rounds(run_dir: Path) -> list[int]:
     return sorted(int(p.stem.removeprefix("round-")) for p in folder.glob("round-*.npz"))
 
 
+def remove_checkpoints(run_dir: Path) -> None:
+    """Delete a run's checkpoints (a finished run needs none; a new run must not find old ones)."""
+    folder = Path(run_dir) / FOLDER
+    if folder.is_dir():
+        for path in folder.iterdir():
+            path.unlink(missing_ok=True)
+        folder.rmdir()
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The newest checkpoint of a run, or None when it has none."""
     rounds = saved_rounds(run_dir)
@@ -147,7 +157,8 @@ class RunCheckpoints:
     def save(self, server_round: int, arrays: Arrays, engine: dict[str, Any]) -> None:
         strategy = self.strategy
         components = {c.label(): c.save_state() for c in strategy.components}
-        engine = {**engine, "simulated_clock": strategy.simulated_clock}
+        engine = {**engine, "simulated_clock": strategy.simulated_clock,
+                  "experiment": strategy.config.to_json_dict()}
         write_checkpoint(self.run_dir, Checkpoint(server_round, arrays, components,
                                                   strategy.client_state, engine), self.keep)
 
@@ -158,10 +169,3 @@ class RunCheckpoints:
             component.load_state(checkpoint.components.get(component.label(), {}))
         strategy.client_state = {int(cid): state for cid, state in checkpoint.client_state.items()}
         strategy.simulated_clock = float(checkpoint.engine["simulated_clock"])
-
-    def remove(self) -> None:
-        """A finished run needs no checkpoint."""
-        for saved in saved_rounds(self.run_dir):
-            checkpoint_path(self.run_dir, saved).unlink(missing_ok=True)
-        if (self.run_dir / FOLDER).is_dir() and not any((self.run_dir / FOLDER).iterdir()):
-            (self.run_dir / FOLDER).rmdir()
