@@ -6,6 +6,11 @@ difference between the final GPU model and the final CPU model of the same backe
 are not bit-identical to CPU ones, so expect small float differences, not zero).
 The last line printed is JSON with those numbers. Needs a CUDA GPU; extra `--set` overrides
 change the workload (default: the quickstart with the small CNN, 10 rounds).
+
+`--vectorize` instead times local training with the clients vectorized (engine.vectorize = on)
+against one by one, in-process on one worker, for the throughput benchmark's `cnn` and `mlp-prox`
+workloads and a `resnet` one (BatchNorm: it falls back to one by one, and says so), 1000 clients
+and a cohort of 100; `--device cpu` runs the same table on the CPU.
 """
 
 from __future__ import annotations
@@ -65,14 +70,50 @@ def model_difference(a: str, b: str) -> float:
         return max(float(np.max(np.abs(x[k] - y[k]))) for k in x.files)
 
 
+def vectorize_table(device: str, timeout: float, extra: list[str]) -> dict:
+    """Seconds of local training per round, vectorized vs one by one, per workload."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput import WORKLOADS
+
+    resnet = [*WORKLOADS["cnn"][:5], "model.name=resnet", "client.batch_size=10", "client.lr=0.05"]
+    workloads = {"cnn": WORKLOADS["cnn"], "mlp-prox": WORKLOADS["mlp-prox"], "resnet": resnet}
+    common = ["engine.backend=inprocess", "engine.workers=1", "strategy.clients_per_round=100",
+              "experiment.rounds=3", "evaluation.every=3", "evaluation.client_fraction=0",
+              "client.local_epochs=1", f"engine.gpus_per_worker={1 if device == 'gpu' else 0}"]
+    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedsim-vectorize-{os.getpid()}"
+    table: dict[str, dict] = {}
+    print(f"{'workload':9s} {'one by one':>11s} {'vectorized':>11s} {'ratio':>6s}  ({device})")
+    for name, spec in workloads.items():
+        row = {}
+        for mode in ("off", "on"):
+            run = [*spec, *common, *extra, f"engine.vectorize={mode}",
+                   f"output.run_dir='{out_dir / f'{name}-{mode}'}'"]
+            row[mode] = measure(run, timeout)
+        if any("error" in r for r in row.values()):
+            print(f"{name:9s} failed: {[r.get('error') for r in row.values()]}")
+            table[name] = {m: r.get("error") for m, r in row.items()}
+            continue
+        one, vec = row["off"]["s_per_round"], row["on"]["s_per_round"]
+        fallback = "one by one" in (out_dir / f"{name}-on" / "log.txt").read_text()
+        table[name] = {"one_by_one_s": one, "vectorized_s": vec, "ratio": vec / one,
+                       "fell_back": fallback}
+        print(f"{name:9s} {one:11.3f} {vec:11.3f} {vec / one:6.2f}" + ("  (fell back)" if fallback else ""))
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", default=[], help="extra override key=value")
     parser.add_argument("--timeout", type=float, default=240, help="seconds allowed per run")
+    parser.add_argument("--vectorize", action="store_true", help="vectorized vs one-by-one table")
+    parser.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="for --vectorize")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
         child([a for a in rest if a != "--"])
+        return
+    if args.vectorize:
+        print(json.dumps(vectorize_table(args.device, args.timeout, args.set)))
         return
     out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedsim-gpu-{os.getpid()}"
     results: dict[str, dict] = {}

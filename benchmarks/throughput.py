@@ -6,8 +6,12 @@
   flower  one Flower node per client with Flower's own FedAvg (how Flower is usually used)
 
 Workloads: `cnn` (Fashion-MNIST, 1000 clients x 60 examples, cohort 50, small CNN, batch 10,
-lr 0.1) and `tiny` (Synthetic(1,1), 1000 clients, cohort 100, logistic regression, batch 10).
-`tiny-capped` is `tiny` with at most 60 examples per client, where orchestration dominates.
+lr 0.1), `mlp-prox` (the same data, FedProx mu 0.1 with Adam on an MLP 128) and `tiny`
+(Synthetic(1,1), 1000 clients, cohort 100, logistic regression, batch 10). `tiny-capped` is
+`tiny` with at most 60 examples per client, where orchestration dominates. Workloads that do not
+use the hand-written lockstep kernels also show `fedsim vmap` (engine.vectorize = on: the
+clients of a worker as one torch.func program; on CPU the default trains them one by one).
+`flower` runs Flower's FedAvg, so FedAvg workloads only (`--skip-flower` leaves it out).
 Then the scale check: fedsim on `tiny` with 1,000 vs 100,000 clients at the same cohort.
 Each measurement runs in a fresh subprocess; peak memory is the RSS summed over its process tree.
 The last line printed is JSON with the ratios.
@@ -36,6 +40,9 @@ WORKLOADS = {
              "data.synthetic.alpha=1", "data.synthetic.beta=1", "model.name=logreg",
              "strategy.clients_per_round=100", "client.batch_size=10", "client.lr=0.01"],
 }
+WORKLOADS["mlp-prox"] = [*WORKLOADS["cnn"][:5], "model.name=mlp", "model.hidden=[128]",
+                         "strategy.name=fedprox", "strategy.mu=0.1", "client.optimizer=adam",
+                         "strategy.clients_per_round=50", "client.batch_size=10", "client.lr=0.001"]
 # `tiny` with client sizes capped at 60: FedProx's log-normal sizes average about 450 examples,
 # which makes `tiny` compute-bound; capped, orchestration is most of a round.
 WORKLOADS["tiny-capped"] = [*WORKLOADS["tiny"], "data.synthetic.max_client_size=60"]
@@ -78,15 +85,18 @@ def load(overrides: list[str]):
 
 
 def raw_loop(config, threads: int) -> list[float]:
-    """Sequential FedAvg: every client trains the one model in turn; weighted mean per round."""
+    """Sequential FedAvg (FedProx: with its proximal term): every client trains the one model in
+    turn; weighted mean per round."""
     import torch
 
     from clients.training import train_locally
     from fedsim.data.federation import build_federation
     from fedsim.data.tensors import LocalData
     from fedsim.engine.cohort import CohortSampler
+    from fedsim.method import ClientContext, TrainPlan
     from fedsim.models import build_model
     from fedsim.seeding import derive_seed
+    from fedsim.terms import Proximal
 
     torch.set_num_threads(threads)
     fed = build_federation(config.data, config.experiment.seed)
@@ -101,7 +111,12 @@ def raw_loop(config, threads: int) -> list[float]:
         for cid in sampler.sample_cohort(rnd):
             model.load_state_dict(global_state)
             d = fed.client_data(cid)
-            train_locally(model, LocalData.from_arrays(d), config.client, [],
+            terms = []
+            if config.strategy.name == "fedprox":  # FedProx's proximal term, as a raw loop adds it
+                ctx = ClientContext(cid, rnd, TrainPlan(), global_state, {}, None, config.client,
+                                    config.client.lr)
+                terms = [Proximal(Proximal.Params(mu=config.strategy.params["mu"]), ctx)]
+            train_locally(model, LocalData.from_arrays(d), config.client, terms,
                           derive_seed(0, rnd, cid), config.client.lr)
             n = float(len(d.y_train))
             for k, v in model.state_dict().items():
@@ -160,11 +175,38 @@ def measure(mode: str, overrides: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def population_check(rounds: int, out_dir: Path) -> dict:
+    """Seconds per round and peak memory of the whole run as the population grows at a fixed
+    cohort: Synthetic (`tiny`, clients capped at 200 examples) with 1k, 100k and 1M clients, and
+    Fashion-MNIST (an indexed dataset, IID) split over 1k and 100k clients (most of them then
+    hold no example and are never sampled)."""
+    synthetic = [*WORKLOADS["tiny"], "data.synthetic.max_client_size=200"]
+    indexed = [*WORKLOADS["cnn"][:5], "data.partition.min_size=0", "model.name=logreg",
+               "strategy.clients_per_round=100", "client.batch_size=10", "client.lr=0.01"]
+    cases = {("synthetic", n): synthetic + [f"data.num_clients={n}"] for n in (1_000, 100_000, 1_000_000)}
+    cases.update({("fashion-mnist", n): indexed + [f"data.num_clients={n}"] for n in (1_000, 100_000)})
+    print(f"{'data':14s} {'clients':>9s} {'s/round':>9s} {'x 1k':>6s} {'first':>7s} {'peak MB':>8s}")
+    found: dict = {}
+    for (data, clients), spec in cases.items():
+        run = [*spec, *COMMON, f"experiment.rounds={rounds}", f"evaluation.every={rounds}",
+               f"output.run_dir='{out_dir / f'{data}-{clients}'}'"]
+        r = measure("fedsim", run)
+        base = found.get(f"{data}-1000", r)["median"]
+        found[f"{data}-{clients}"] = {**r, "over_1k": r["median"] / base}
+        print(f"{data:14s} {clients:9d} {r['median']:9.3f} {r['median'] / base:6.2f} {r['first']:7.1f} "
+              f"{r['peak_mb']:8.0f}")
+    return {k: {m: round(v, 3) for m, v in r.items()} for k, r in found.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--no-scale", action="store_true", help="skip the population scale check")
+    parser.add_argument("--skip-flower", action="store_true", help="skip one-Flower-node-per-client")
+    parser.add_argument("--population", action="store_true",
+                        help="only the population check: 1k / 100k / 1M Synthetic clients, and "
+                             "Fashion-MNIST split over 1k / 100k clients")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -172,24 +214,39 @@ def main() -> None:
         return
     rounds = 4 if args.quick else 10
     out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedsim-bench-{os.getpid()}"
+    if args.population:
+        print(json.dumps(population_check(rounds, out_dir)))
+        return
     summary: dict[str, dict[str, float]] = {}
     print(f"{'workload':11s} {'way':12s} {'s/round':>9s} {'first':>7s} {'peak MB':>8s}")
     for name in args.workloads:
         spec = [*WORKLOADS[name], *COMMON, f"experiment.rounds={rounds}",
                 f"evaluation.every={rounds}", f"output.run_dir='{out_dir / name}'"]
-        ways = {way: (way, spec) for way in ("raw1", "raw2", "fedsim", "flower")}
+        fedavg = not any(o.startswith("strategy.name=") for o in WORKLOADS[name])
+        with_flower = fedavg and not args.skip_flower
+        ways = {way: (way, spec) for way in ("raw1", "raw2", "fedsim", *(["flower"] * with_flower))}
         if "model.name=logreg" in WORKLOADS[name]:  # fedsim without lockstep training, for contrast
             ways["fedsim 1by1"] = ("fedsim", [*spec, "engine.lockstep=false"])
+        else:
+            ways["fedsim vmap"] = ("fedsim", [*spec, "engine.vectorize=on"])
         results = {way: measure(mode, overrides) for way, (mode, overrides) in ways.items()}
         raw_way = min(("raw1", "raw2"), key=lambda w: results[w]["median"])
         for way, r in results.items():
             label = way + (" *" if way == raw_way else "")
             print(f"{name:11s} {label:12s} {r['median']:9.3f} {r['first']:7.2f} {r['peak_mb']:8.0f}")
-        raw, fed, flower = (results[raw_way]["median"], results["fedsim"]["median"],
-                            results["flower"]["median"])
-        summary[name] = {"fedsim_over_raw": round(fed / raw, 3),
-                         "flower_per_client_over_fedsim": round(flower / fed, 3)}
-        print(f"{name:11s} fedsim/raw = {fed / raw:.2f}   flower-per-client/fedsim = {flower / fed:.2f}")
+        raw, fed = results[raw_way]["median"], results["fedsim"]["median"]
+        summary[name] = {"fedsim_over_raw": round(fed / raw, 3)}
+        print(f"{name:11s} fedsim/raw = {fed / raw:.2f}")
+        if "flower" in results:
+            flower = results["flower"]["median"]
+            summary[name]["flower_per_client_over_fedsim"] = round(flower / fed, 3)
+            print(f"{name:11s} flower-per-client/fedsim = {flower / fed:.2f}")
+        if "fedsim vmap" in results:
+            vmap = results["fedsim vmap"]["median"]
+            summary[name]["vmap_over_raw"] = round(vmap / raw, 3)
+            summary[name]["vmap_over_one_by_one"] = round(vmap / fed, 3)
+            print(f"{name:11s} fedsim vmap/raw = {vmap / raw:.2f}   "
+                  f"fedsim vmap/one-by-one = {vmap / fed:.2f}")
         if "fedsim 1by1" in results:
             speedup = results["fedsim 1by1"]["median"] / fed
             summary[name]["lockstep_speedup"] = round(speedup, 3)

@@ -11,32 +11,23 @@ another up to float rounding. Clients with fewer steps drop out of the active se
 
 from __future__ import annotations
 
-import math
 import time
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
+from clients.vectorized import ClientBatches
 from fedsim.config import ClientSection, ExperimentConfig
 from fedsim.data.tensors import LocalData
-from fedsim.method import Component, LossTerm, TrainPlan, overrides
-from fedsim.system import planned_steps
+from fedsim.method import LossTerm, TrainPlan
 from fedsim.terms import Proximal
 
 LOCKSTEP_MODELS = ("logreg", "mlp")  # Linear layers with ReLU between them
 
 
-def lockstep_possible(config: ExperimentConfig, components: list[Component], clients: int) -> bool:
-    """Whether a task could train in lockstep before its clients' plans and loss terms are
-    known: logistic regression or an MLP, plain SGD, more than one client, and a method and
-    add-ons whose client half is plain training plus loss terms (no data, after-training or
-    global-report hooks)."""
-    plain = all(not overrides(c, Component, hook) for c in components
-                for hook in ("training_data", "after_training"))
-    return (config.engine.lockstep and config.model.name in LOCKSTEP_MODELS and plain
-            and config.client.optimizer == "sgd" and clients > 1
-            and not any(getattr(c, "evaluates_global", False) for c in components))
+def lockstep_possible(config: ExperimentConfig) -> bool:
+    """Whether the hand-written kernels fit the run: logistic regression or an MLP, plain SGD."""
+    return config.model.name in LOCKSTEP_MODELS and config.client.optimizer == "sgd"
 
 
 def lockstep_proximal_mu(plans: list[TrainPlan], terms: list[list[LossTerm]]) -> list[float] | None:
@@ -47,20 +38,6 @@ def lockstep_proximal_mu(plans: list[TrainPlan], terms: list[list[LossTerm]]) ->
             and all(type(term) is Proximal for client in terms for term in client)):
         return None
     return [sum(term.params.mu for term in client) for client in terms]
-
-
-def batch_plan(n: int, steps: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices (steps, batch_size) and validity mask of one client's batches, drawn as
-    `train_locally` draws them (a fresh permutation per pass from a generator seeded `seed`)."""
-    generator = torch.Generator().manual_seed(seed)
-    per_pass = math.ceil(n / batch_size)
-    width = per_pass * batch_size  # a pass padded to whole batches; the padding is masked out
-    index = torch.zeros(math.ceil(steps / per_pass), width, dtype=torch.long)
-    for number in range(len(index)):
-        index[number, :n] = torch.randperm(n, generator=generator)
-    mask = (torch.arange(width) < n).float().expand(len(index), width)
-    return (index.view(-1, batch_size)[:steps],
-            mask.reshape(-1, batch_size)[:steps])
 
 
 def _loss_and_gradients(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -102,22 +79,10 @@ def train_in_lockstep(start: list[torch.Tensor], data: list[LocalData], seeds: l
     Returns per client its final parameters and `train_locally`'s metrics; a client's
     `train_seconds` is the worker's time shared out in proportion to its steps."""
     started = time.perf_counter()
-    device, count, batch = start[0].device, len(data), settings.batch_size
-    sizes = [len(d.y_train) for d in data]
-    steps = [planned_steps(n, settings) if s is None else int(s) for n, s in zip(sizes, steps, strict=True)]
-    order = sorted(range(count), key=lambda i: -steps[i])  # active clients are always a prefix
-    offsets = np.concatenate([[0], np.cumsum([sizes[i] for i in order])])
-    features = torch.cat([data[i].x_train.reshape(sizes[i], -1) for i in order])
-    labels = torch.cat([data[i].y_train for i in order])
-    horizon = max(steps)
-    index = torch.zeros(count, horizon, batch, dtype=torch.long)
-    mask = torch.zeros(count, horizon, batch)
-    for slot, i in enumerate(order):
-        rows, valid = batch_plan(sizes[i], steps[i], batch, seeds[i])
-        index[slot, :steps[i]] = rows + int(offsets[slot])
-        mask[slot, :steps[i]] = valid
-    index, mask = index.to(device), mask.to(device)
-    active = [sum(1 for s in steps if s > t) for t in range(horizon)]
+    device, count = start[0].device, len(data)
+    batches = ClientBatches.build(data, seeds, steps, settings, device)
+    order, index, mask = batches.order, batches.index, batches.mask
+    features = batches.features.reshape(len(batches.features), -1)
 
     params = [p.detach().expand(count, *p.shape).clone() for p in start]
     lr = torch.tensor([lrs[i] for i in order], device=device, dtype=params[0].dtype)
@@ -126,12 +91,11 @@ def train_in_lockstep(start: list[torch.Tensor], data: list[LocalData], seeds: l
     momentum, decay = settings.momentum, settings.weight_decay
     velocity: list[torch.Tensor] | None = None
     loss_sum = torch.zeros(count, device=device)
-    for t in range(horizon):
-        a = active[t]
+    for t, a in enumerate(batches.active):
         rows, valid = index[:a, t], mask[:a, t]
         share = valid / valid.sum(dim=1, keepdim=True)  # each batch's loss is a mean over its rows
         current = [p[:a] for p in params]
-        loss, grads = _loss_and_gradients(current, features[rows], labels[rows], share)
+        loss, grads = _loss_and_gradients(current, features[rows], batches.labels[rows], share)
         loss_sum[:a] += loss
         if proximal:
             for k, (p, anchor) in enumerate(zip(current, start, strict=True)):
@@ -150,12 +114,4 @@ def train_in_lockstep(start: list[torch.Tensor], data: list[LocalData], seeds: l
         for p, g in zip(current, grads, strict=True):
             p -= _per_client(lr[:a], p) * g
 
-    seconds = time.perf_counter() - started
-    total_steps = max(sum(steps), 1)
-    losses = loss_sum.cpu().tolist()
-    results: list = [None] * count
-    for slot, i in enumerate(order):
-        metrics = {"train_loss": losses[slot] / max(steps[i], 1), "num_examples": float(sizes[i]),
-                   "steps": float(steps[i]), "train_seconds": seconds * steps[i] / total_steps}
-        results[i] = ([p[slot] for p in params], metrics)
-    return results
+    return batches.results(lambda slot: [p[slot] for p in params], loss_sum, time.perf_counter() - started)

@@ -21,6 +21,7 @@ from torch import nn
 from clients.lockstep import lockstep_possible, lockstep_proximal_mu, train_in_lockstep
 from clients.state import ClientScope, ShippedStateStore, StateStore
 from clients.training import train_locally
+from clients.vectorized import clients_per_chunk, train_vectorized, vectorize_blocker
 from fedsim.config import ExperimentConfig, validate_config
 from fedsim.data.federation import Federation, IndexedFederation, build_federation
 from fedsim.data.tensors import LocalData
@@ -145,6 +146,19 @@ def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
 
 
 @dataclass
+class Prepared:
+    """One client ready to train: its contexts (method first, then add-ons), data, loss terms,
+    seed, and the global model's report on its data when the method asks for one."""
+
+    client_id: int
+    contexts: list[ClientContext]
+    data: LocalData
+    terms: list
+    seed: int
+    before: dict[str, float]
+
+
+@dataclass
 class Worker:
     """One message's work: the decoded task, the run's method and add-ons (client halves), the
     resident data and model, and the clients' state store."""
@@ -155,6 +169,7 @@ class Worker:
     method: Method
     add_ons: list[Component]
     store: StateStore
+    notes: list[str] = field(default_factory=list)  # for the run's log (why clients train one by one)
 
     @classmethod
     def start(cls, content: RecordDict, host: Host) -> Worker:
@@ -202,48 +217,80 @@ class Worker:
             terms += component.loss_terms(ctx)
         return terms
 
-    def train_one(self, index: int, global_arrays: dict[str, torch.Tensor]) -> ClientResult:
-        client = self.task.clients[index]
-        res = self.res
+    def prepare(self, index: int, global_arrays: dict[str, torch.Tensor]) -> Prepared:
+        """Client `index` ready to train: its contexts, its data after the components' data hooks,
+        its loss terms and seed, and (for methods that ask) the global model's report on it.
+        Leaves the global model in the resident model."""
+        client, res = self.task.clients[index], self.res
         res.load_global(global_arrays)
         contexts = self.contexts(index, global_arrays)
         data = res.client_data(client.client_id)
         for component, ctx in zip(self.components, contexts, strict=True):
             data = component.training_data(ctx, data)
         before = global_model_report(res, data) if self.method.evaluates_global else {}
-        terms = self.loss_terms(contexts)
         seed = derive_seed(self.config.experiment.seed, self.task.round, client.client_id)
-        metrics = train_locally(res.model, data, self.config.client, terms, seed, self.config.client.lr,
-                                steps=contexts[0].plan.local_steps)
-        metrics.update(before)
-        outputs = {"model": {k: v.detach().cpu().numpy().copy() for k, v in res.model.state_dict().items()}}
-        for component, ctx in zip(self.components, contexts, strict=True):
+        return Prepared(client.client_id, contexts, data, self.loss_terms(contexts), seed, before)
+
+    def finish(self, client: Prepared, metrics: dict[str, float]) -> ClientResult:
+        """The reply of a client whose trained weights are in the resident model: the components'
+        after-training hooks, its model and the state it saved."""
+        metrics = {**metrics, **client.before}
+        model = self.res.model
+        outputs = {"model": {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}}
+        for component, ctx in zip(self.components, client.contexts, strict=True):
             ctx.steps = int(metrics["steps"])
-            update = component.after_training(ctx, res.model)
+            update = component.after_training(ctx, self.res.model)
             outputs.update(update.outputs)
             metrics.update(update.metrics)
         return ClientResult(client.client_id, metrics, outputs, self.store.saved(client.client_id))
 
+    def train_one(self, index: int, global_arrays: dict[str, torch.Tensor]) -> ClientResult:
+        client = self.prepare(index, global_arrays)
+        metrics = train_locally(self.res.model, client.data, self.config.client, client.terms, client.seed,
+                                self.config.client.lr, steps=client.contexts[0].plan.local_steps)
+        return self.finish(client, metrics)
+
     def train_together(self, global_arrays: dict[str, torch.Tensor]) -> list[ClientResult] | None:
-        """Every client of the task trained in lockstep when the model and recipe allow (Linear
-        / ReLU models, SGD, no loss term but the proximal one), else None."""
-        if not lockstep_possible(self.config, self.components, len(self.task.clients)):
+        """Every client of the task trained at once: with the hand-written lockstep kernels for
+        Linear / ReLU models with SGD and at most a proximal term (engine.lockstep; the fastest
+        for small models), else as one torch.func program (engine.vectorize); None when neither
+        applies (the clients then train one by one; when vectorizing was asked for, the reason is
+        noted once)."""
+        config, count = self.config, len(self.task.clients)
+        lockstep = config.engine.lockstep and lockstep_possible(config)
+        vectorize = config.engine.vectorize == "on" or (
+            config.engine.vectorize == "auto" and self.res.device.type == "cuda")
+        if count < 2 or not (lockstep or vectorize):
             return None
-        contexts = [self.contexts(i, global_arrays) for i in range(len(self.task.clients))]
-        mus = lockstep_proximal_mu([c[0].plan for c in contexts], [self.loss_terms(c) for c in contexts])
-        if mus is None:
+        clients = [self.prepare(i, global_arrays) for i in range(count)]
+        terms = [c.terms for c in clients]
+        data, seeds = [c.data for c in clients], [c.seed for c in clients]
+        steps = [c.contexts[0].plan.local_steps for c in clients]
+        names = [name for name, _ in self.res.model.named_parameters()]
+        mus = lockstep_proximal_mu([c.contexts[0].plan for c in clients], terms) if lockstep else None
+        if mus is not None:
+            kernel = train_in_lockstep([global_arrays[n] for n in names], data, seeds,
+                                       [config.client.lr] * count, steps, config.client, mus)
+            trained = [(dict(zip(names, params, strict=True)), metrics) for params, metrics in kernel]
+        elif not vectorize:
             return None
-        config, clients = self.config, self.task.clients
-        names = [name for name, _ in self.res.model.named_parameters()]  # weight, bias per layer
-        trained = train_in_lockstep(
-            [global_arrays[name] for name in names],
-            [self.res.client_data(c.client_id) for c in clients],
-            [derive_seed(config.experiment.seed, self.task.round, c.client_id) for c in clients],
-            [config.client.lr] * len(clients), [c[0].plan.local_steps for c in contexts],
-            config.client, mus)
-        return [ClientResult(c.client_id, metrics,
-                             {"model": {n: p.cpu().numpy() for n, p in zip(names, params, strict=True)}})
-                for c, (params, metrics) in zip(clients, trained, strict=True)]
+        else:
+            if reason := vectorize_blocker(self.res.model, terms):
+                self.notes.append(f"clients train one by one: {reason}")
+                return None
+            start = {n: global_arrays[n] for n in names}
+            chunk = clients_per_chunk(self.res.model, data[0].x_train[:1], config.client,
+                                      config.engine.vectorize_memory_mb * 2**20)
+            trained = []
+            for first in range(0, count, chunk):
+                part = slice(first, first + chunk)
+                trained += train_vectorized(self.res.model, start, data[part], seeds[part], steps[part],
+                                            config.client, config.client.lr, terms[part])
+        results = []
+        for client, (params, metrics) in zip(clients, trained, strict=True):
+            self.res.load_global({**global_arrays, **params})
+            results.append(self.finish(client, metrics))
+        return results
 
     def train_each(self, global_arrays: dict[str, torch.Tensor],
                    failures: dict[int, str]) -> list[ClientResult]:
@@ -267,10 +314,12 @@ def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     outcomes = None
     try:
         outcomes = worker.train_together(global_arrays)
-    except Exception:  # e.g. one client's data: retry one by one to isolate the failure
-        traceback.print_exc()
+    except Exception as exc:  # a loss term vmap refuses, or one client's data: one by one isolates it
+        first_line = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        worker.notes.append(f"clients train one by one: training them together raised {first_line}")
     if outcomes is None:
         outcomes = worker.train_each(global_arrays, result.failures)
+    result.notes = worker.notes
     reduce = worker.task.reduce
     for outcome in outcomes:
         if reduce is not None:

@@ -210,6 +210,11 @@ class EngineSection(Section):
     timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
     lockstep: bool = Field(True, description="train a worker's logistic-regression or MLP "
                            "clients together with batched matrix products (same result, faster)")
+    vectorize: Literal["auto", "on", "off"] = Field(
+        "auto", description="train a worker's other clients together as one torch.func program: "
+        "'auto' on a GPU (on CPU it is rarely faster than one by one), 'on' always, 'off' never")
+    vectorize_memory_mb: float = Field(2048.0, gt=0, description="memory one vectorized program may "
+                                       "use; a worker's clients go through in chunks that fit")
     max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many consecutive "
                                    "rounds in which clients failed and none succeeded")
     on_divergence: Literal["stop", "keep"] = Field("stop", description="a non-finite global model or "

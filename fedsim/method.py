@@ -88,6 +88,8 @@ class Batch:
     logits: torch.Tensor
     targets: torch.Tensor
     groups: torch.Tensor | None = None  # sensitive groups, when the dataset has them
+    weights: torch.Tensor | None = None  # each row's share of the batch mean, when clients train
+    # vectorized (short batches are padded to full ones: padding rows weigh 0); None: rows are equal
 
 
 class LossTerm:
@@ -97,6 +99,9 @@ class LossTerm:
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_groups: ClassVar[bool] = False  # reads the batch's sensitive groups
+    per_client: ClassVar[tuple[str, ...] | None] = None  # attributes (dicts of tensors) that
+    # differ per client, which vectorized training stacks; None: not declared, so clients with
+    # this term train one by one (a term keeping other per-client data must leave it None)
 
     def __init__(self, params: BaseModel, ctx: ClientContext) -> None:
         self.params = params
@@ -133,6 +138,7 @@ class RoundResult:
     failures: dict[int, str] = field(default_factory=dict)
     means: dict[str, Arrays] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)  # sampled but dropped out or timed out
+    notes: list[str] = field(default_factory=list)  # what workers say for the run's log
 
     def weighted_metric(self, name: str, weight: str = "num_examples") -> float:
         """Mean of a client metric weighted by another (NaN when no client reported it)."""

@@ -13,6 +13,7 @@ class Proximal(LossTerm):
     """FedProx: (mu / 2) * ||w - w_global||^2 over the trainable parameters."""
 
     name = "proximal"
+    per_client = ()  # its anchor is the global model, the same for every client
 
     class Params(NoParams):
         mu: float = Field(0.01, ge=0, description="weight of the proximal term")
@@ -30,6 +31,7 @@ class ParityPenalty(LossTerm):
 
     name = "parity"
     needs_groups = True
+    per_client = ()
 
     class Params(NoParams):
         mu: float = Field(1.0, ge=0, description="weight of the parity gap")

@@ -53,13 +53,16 @@ class MarginControl(LossTerm):
     """FedLD's margin control: lam * log(1 + ||softmax(logits)||_F^2) over the whole batch."""
 
     name = "margin"
+    per_client = ()
 
     class Params(NoParams):
         lam: float = Field(0.03, ge=0, description="weight of the margin term")
 
     def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        squared_norm = torch.softmax(batch.logits, dim=1).pow(2).sum()
-        return self.params.lam * torch.log1p(squared_norm)
+        squares = torch.softmax(batch.logits, dim=1).pow(2)
+        if batch.weights is not None:  # padding rows of a vectorized batch do not count
+            squares = squares * (batch.weights > 0).unsqueeze(1)
+        return self.params.lam * torch.log1p(squares.sum())
 
 
 class FedLD(Method):

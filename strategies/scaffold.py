@@ -36,6 +36,8 @@ def own_control(ctx: ClientContext) -> dict[str, torch.Tensor]:
 class ControlCorrection(LossTerm):
     """<c - c_i, w> over the trainable parameters: its gradient is the correction c - c_i."""
 
+    per_client = ("correction",)
+
     def __init__(self, params: NoParams, ctx: ClientContext) -> None:
         super().__init__(params, ctx)
         own = own_control(ctx)

@@ -6,18 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from clients.lockstep import batch_plan, lockstep_possible, lockstep_proximal_mu, train_in_lockstep
+from clients.lockstep import lockstep_possible, lockstep_proximal_mu, train_in_lockstep
 from clients.training import train_locally
+from clients.vectorized import batch_plan
 from fedsim.config import ClientSection, load_config
 from fedsim.data.tensors import LocalData
 from fedsim.method import ClientContext, TrainPlan
 from fedsim.models import build_model
-from fedsim.registry import build_method
 from fedsim.runner import run_experiment
 from fedsim.terms import ParityPenalty, Proximal
 from strategies.fedprox import FedProx
-from strategies.qffl import QFFL
-from strategies.scaffold import Scaffold
 
 
 def clients(sizes, dim=7, classes=4, seed=0):
@@ -66,17 +64,11 @@ def context(global_arrays=None) -> ClientContext:
     return ClientContext(0, 1, TrainPlan(), global_arrays or {}, {}, None, ClientSection(), 0.1)
 
 
-def test_only_plain_linear_relu_tasks_with_proximal_terms_qualify():
-    config = load_config(None, ["model.name=logreg"])
-    fedavg = build_method(config)
-    assert lockstep_possible(config, [fedavg], 2)
-    assert not lockstep_possible(config, [fedavg], 1)  # one client: nothing to batch
-    assert not lockstep_possible(config, [QFFL()], 2)  # reports the global model first
-    assert not lockstep_possible(config, [Scaffold()], 2)  # after-training hook
-    assert lockstep_possible(load_config(None, ["model.name=mlp"]), [fedavg], 2)
-    assert not lockstep_possible(load_config(None, ["model.name=cnn"]), [fedavg], 2)
-    for off in ("client.optimizer=adam", "engine.lockstep=false"):
-        assert not lockstep_possible(load_config(None, ["model.name=logreg", off]), [fedavg], 2)
+def test_only_linear_relu_models_with_sgd_and_proximal_terms_qualify():
+    assert lockstep_possible(load_config(None, ["model.name=logreg"]))
+    assert lockstep_possible(load_config(None, ["model.name=mlp"]))
+    assert not lockstep_possible(load_config(None, ["model.name=cnn"]))
+    assert not lockstep_possible(load_config(None, ["model.name=logreg", "client.optimizer=adam"]))
     plans, none = [TrainPlan(), TrainPlan(local_steps=3)], [[], []]
     prox = [[], FedProx({"mu": 0.1}).loss_terms(context())]
     assert lockstep_proximal_mu(plans, none) == [0.0, 0.0]

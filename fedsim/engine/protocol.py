@@ -50,11 +50,13 @@ class WorkerResult:
     failures: dict[int, str] = field(default_factory=dict)
     sums: dict[str, Arrays] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # for the run's log
 
 
 def to_record(arrays: Arrays) -> ArrayRecord:
     """Named numpy arrays as a Flower ArrayRecord (order kept)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.asarray keeps a 0-d array 0-d (BatchNorm's step counter); ascontiguousarray makes it 1-d
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> Arrays:
@@ -123,6 +125,7 @@ def encode_result(result: WorkerResult) -> RecordDict:
     for name, arrays in result.sums.items():
         content[f"sum.{name}"] = to_record(arrays)
     content["weights"] = MetricRecord(result.weights)
+    content["notes"] = ConfigRecord({str(i): note for i, note in enumerate(result.notes)})
     return content
 
 
@@ -130,6 +133,7 @@ def decode_result(content: RecordDict) -> WorkerResult:
     result = WorkerResult(
         failures={int(cid): str(err) for cid, err in content["failures"].items()},
         weights={k: float(v) for k, v in content["weights"].items()},
+        notes=[str(note) for note in content["notes"].values()] if "notes" in content else [],
     )
     outputs: dict[int, dict[str, Arrays]] = {}
     states: dict[int, dict[str, Arrays]] = {}

@@ -119,6 +119,7 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
     from a checkpoint (whose server and client state the strategy already holds)."""
     rounds, every = config.experiment.rounds, config.evaluation.every
     failed_streak: list[tuple[int, int, str]] = []  # (round, client, error) of each failed round
+    noted: set[str] = set()  # workers' notes already in the log
     if resume is None:
         arrays = evaluator.initial_arrays()
         writer.add_round({"round": 0, **evaluator(arrays)}, [])
@@ -150,6 +151,10 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
             row.update(evaluator(arrays))
         row.update({"round": rnd, "seconds": time.perf_counter() - started,
                     "bytes_exchanged": float(sent + eval_sent)})
+        for note in log.train.notes:
+            if note not in noted:  # once per run
+                noted.add(note)
+                writer.log(f"round {rnd}: {note}")
         failures = {**log.train.failures}
         for cid, error in failures.items():
             writer.log(f"round {rnd}: client {cid} failed: {error}")

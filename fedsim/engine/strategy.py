@@ -133,6 +133,7 @@ class FedsimStrategy(Strategy):
                 result.failures.update({cid: error for cid in client_ids})
                 continue
             worker = decode_result(content)
+            result.notes.extend(n for n in worker.notes if n not in result.notes)
             result.failures.update(worker.failures)
             result.clients.extend(worker.clients)
             for name, arrays in worker.sums.items():

@@ -1,0 +1,193 @@
+"""Vectorized training (torch.func) equals training the same clients one by one."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clients.training import train_locally
+from clients.vectorized import FunctionalOptimizer, train_vectorized, vectorize_blocker
+from fedsim.config import ClientSection, ModelSection
+from fedsim.data.tensors import LocalData
+from fedsim.method import ClientContext, NoParams, TrainPlan
+from fedsim.models import build_model
+from fedsim.terms import ParityPenalty, Proximal
+from strategies.fedld import MarginControl
+from strategies.scaffold import ControlCorrection
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
+SHAPES = {"logreg": (1, 8, 8), "mlp": (1, 8, 8), "cnn": (1, 12, 12)}
+
+
+def clients(shape, sizes, seed=0, groups=False, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        x = torch.randn(n, *shape, generator=generator, dtype=dtype)
+        y = torch.randint(0, 3, (n,), generator=generator)
+        z = torch.randint(0, 2, (n,), generator=generator) if groups else None
+        out.append(LocalData(x, y, x[:2], y[:2], z, None))
+    return out
+
+
+class EmptyStore:
+    def load(self, name):
+        return None
+
+
+def context(model, client_id, broadcast=None):
+    arrays = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ClientContext(client_id, 1, TrainPlan(), arrays, broadcast or {}, EmptyStore(), None, 0.1)
+
+
+def one_by_one(model, data, settings, seeds, steps, terms):
+    out = []
+    for d, seed, s, t in zip(data, seeds, steps, terms, strict=True):
+        local = copy.deepcopy(model)
+        metrics = train_locally(local, d, settings, t, seed, settings.lr, steps=s)
+        out.append(({k: v.detach() for k, v in local.named_parameters()}, metrics))
+    return out
+
+
+def assert_close(vectorized, reference, tol=1e-5):
+    for (params, metrics), (ref_params, ref_metrics) in zip(vectorized, reference, strict=True):
+        for name, value in ref_params.items():
+            assert torch.allclose(params[name], value, atol=tol, rtol=tol), name
+        assert metrics["steps"] == ref_metrics["steps"]
+        assert metrics["train_loss"] == pytest.approx(ref_metrics["train_loss"], rel=tol, abs=tol)
+
+
+@pytest.mark.parametrize("model_name", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_every_model_and_optimizer_trains_as_one_by_one(model_name, optimizer):
+    # Adam divides by sqrt(v) + 1e-8, so on a CNN's near-zero gradients it turns float32
+    # summation-order noise (1e-8) into steps of up to lr (measured: 8e-4 apart after 10 steps);
+    # in float64 the two agree, which shows the computation is the same
+    unstable = (model_name, optimizer) == ("cnn", "adam")
+    dtype, tol = (torch.float64, 1e-9) if unstable else (torch.float32, 1e-5)
+    settings = ClientSection(batch_size=8, local_epochs=2, lr=0.05, optimizer=optimizer,
+                             momentum=0.9 if optimizer == "sgd" else 0.0, weight_decay=1e-3)
+    model = build_model(ModelSection(name=model_name, hidden=[16]), SHAPES[model_name], 3, 0).to(dtype)
+    data = clients(SHAPES[model_name], [13, 20, 7, 24], dtype=dtype)  # partial last batches everywhere
+    seeds, steps = [11, 12, 13, 14], [None, 3, None, None]  # a straggler stops after 3 steps
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    terms = [[] for _ in data]
+    got = train_vectorized(model, start, data, seeds, steps, settings, settings.lr, terms)
+    assert_close(got, one_by_one(model, data, settings, seeds, steps, terms), tol)
+
+
+def test_loss_terms_are_evaluated_inside_the_vectorized_step():
+    settings = ClientSection(batch_size=5, local_epochs=1, lr=0.1, momentum=0.5)
+    model = build_model(ModelSection(name="mlp", hidden=[8]), SHAPES["mlp"], 3, 1)
+    data = clients(SHAPES["mlp"], [9, 12, 16], seed=3)
+    seeds, steps = [1, 2, 3], [None, None, None]
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    generator = torch.Generator().manual_seed(5)
+    terms = []
+    for cid in range(3):
+        control = {k: torch.randn(v.shape, generator=generator) for k, v in start.items()}
+        ctx = context(model, cid, broadcast=control)
+        terms.append([Proximal(Proximal.Params(mu=0.3), ctx),
+                      MarginControl(MarginControl.Params(lam=0.2), ctx),
+                      ControlCorrection(NoParams(), ctx)])  # the correction differs per client
+    for client_terms in terms:
+        client_terms[2].correction = {k: torch.randn(v.shape, generator=generator) for k, v in start.items()}
+    got = train_vectorized(model, start, data, seeds, steps, settings, settings.lr, terms)
+    assert_close(got, one_by_one(model, data, settings, seeds, steps, terms))
+
+
+def test_what_cannot_vectorize_says_why():
+    resnet = build_model(ModelSection(name="resnet"), (1, 8, 8), 3, 0)
+    assert "buffers" in vectorize_blocker(resnet, [[], []])
+    mlp = build_model(ModelSection(name="mlp"), (1, 8, 8), 3, 0)
+    ctx = context(mlp, 0)
+    assert vectorize_blocker(mlp, [[Proximal(Proximal.Params(mu=0.1), ctx)]] * 2) == ""
+    mixed = [[Proximal(Proximal.Params(mu=0.1), ctx)], [Proximal(Proximal.Params(mu=0.2), ctx)]]
+    assert "differ" in vectorize_blocker(mlp, mixed)
+    parity = [[ParityPenalty(ParityPenalty.Params(mu=1.0), ctx)] for _ in range(2)]
+    data = clients(SHAPES["mlp"], [6, 6], groups=True)
+    start = {k: v.detach() for k, v in mlp.named_parameters()}
+    with pytest.raises(RuntimeError):  # data-dependent control flow: vmap refuses it
+        train_vectorized(mlp, start, data, [0, 1], [None, None], ClientSection(batch_size=4), 0.1, parity)
+
+
+def test_the_functional_adam_is_torchs_adam():
+    torch.manual_seed(0)
+    weights = torch.randn(3, 4)
+    reference = weights.clone().requires_grad_()
+    adam = torch.optim.Adam([reference], lr=0.01, weight_decay=0.1)
+    optimizer = FunctionalOptimizer(ClientSection(optimizer="adam", weight_decay=0.1), 0.01)
+    stacked = {"w": weights.clone().unsqueeze(0)}
+    for step in range(5):
+        grad = torch.randn(3, 4)
+        reference.grad = grad.clone()
+        adam.step()
+        optimizer.step(stacked, {"w": grad.unsqueeze(0)}, 1)
+        assert torch.allclose(stacked["w"][0], reference.detach(), atol=1e-7), step
+
+
+def test_a_batchnorm_model_trains_one_by_one_and_the_log_says_why(tmp_path):
+    """BatchNorm's running statistics do not vectorize; its 0-d step counter survives the trip
+    through Flower's records (it came back 1-d, and every client failed)."""
+    from fedsim.config import load_config
+    from fedsim.engine.protocol import from_record, to_record
+    from fedsim.runner import run_experiment
+
+    assert from_record(to_record({"steps": np.array(3)}))["steps"].shape == ()
+    config = load_config(None, ["model.name=resnet", "engine.backend=inprocess", "experiment.rounds=1",
+                                "engine.vectorize=on",
+                                "data.num_clients=4", "strategy.clients_per_round=4",
+                                f"output.run_dir={tmp_path}"])
+    rounds = run_experiment(config).rounds
+    assert rounds["num_failures"].iloc[1] == 0 and rounds["num_clients"].iloc[1] == 4
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("clients train one by one: the model has buffers") == 1
+
+
+@pytest.mark.parametrize(("settings", "model_tol"), [
+    (["strategy.name=scaffold"], 1e-4),
+    # Adam turns float32 noise on a CNN's near-zero gradients into steps of up to lr (see above):
+    # the accuracy agrees, single weights need not
+    (["strategy.name=fedprox", "client.optimizer=adam", "model.name=cnn"], None)])
+def test_whole_runs_with_and_without_vectorizing_agree(tmp_path, settings, model_tol):
+    from fedsim.config import load_config
+    from fedsim.runner import run_experiment
+
+    finals = {}
+    for mode in ("on", "off"):
+        config = load_config(QUICKSTART, ["engine.backend=inprocess", "experiment.rounds=3",
+                                          f"engine.vectorize={mode}", f"output.run_dir={tmp_path / mode}",
+                                          *settings])
+        finals[mode] = run_experiment(config).rounds["test_accuracy"].iloc[-1]
+        assert "one by one" not in (tmp_path / mode / "log.txt").read_text()
+    assert finals["on"] == pytest.approx(finals["off"], abs=1e-4)
+    if model_tol is None:
+        return
+    with np.load(tmp_path / "on" / "model.npz") as on, np.load(tmp_path / "off" / "model.npz") as off:
+        assert all(np.allclose(on[k], off[k], atol=model_tol) for k in on.files)
+
+
+def test_chunks_fit_the_memory_budget_and_change_nothing(tmp_path):
+    from clients.vectorized import clients_per_chunk
+    from fedsim.config import load_config
+    from fedsim.runner import run_experiment
+
+    model = build_model(ModelSection(name="cnn"), (1, 28, 28), 10, 0)
+    example = torch.zeros(1, 1, 28, 28)
+    sgd, adam = ClientSection(batch_size=10), ClientSection(batch_size=10, optimizer="adam")
+    per_gb = clients_per_chunk(model, example, sgd, 2**30)
+    assert per_gb > 10 and clients_per_chunk(model, example, sgd, 2**31) in (2 * per_gb, 2 * per_gb + 1)
+    assert clients_per_chunk(model, example, adam, 2**30) < per_gb  # two more state tensors
+    assert clients_per_chunk(model, example, sgd, 1) == 1
+    finals = []
+    for budget in ("2048", "0.001"):  # all of a worker's clients at once, then one at a time
+        config = load_config(QUICKSTART, ["engine.backend=inprocess", "experiment.rounds=2",
+                                          "engine.vectorize=on", "strategy.name=scaffold",
+                                          f"engine.vectorize_memory_mb={budget}",
+                                          f"output.run_dir={tmp_path / budget}"])
+        finals.append(run_experiment(config).rounds["test_accuracy"].iloc[-1])
+    assert finals[0] == pytest.approx(finals[1], abs=1e-4)
