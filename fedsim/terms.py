@@ -27,7 +27,8 @@ class Proximal(LossTerm):
 class ParityPenalty(LossTerm):
     """A differentiable statistical-parity penalty: mu * |mean P(yhat=1) over group 1 - over
     group 0| in the batch, from the softmax of the positive class (zero for a batch missing a
-    group). Needs a dataset with a sensitive attribute (checked before the run starts)."""
+    group). Needs a dataset with a sensitive attribute (checked before the run starts). Written
+    without data-dependent branches, so it also runs inside vectorized training."""
 
     name = "parity"
     needs_groups = True
@@ -37,11 +38,12 @@ class ParityPenalty(LossTerm):
         mu: float = Field(1.0, ge=0, description="weight of the parity gap")
 
     def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        groups, logits = batch.groups, batch.logits
-        if groups is None:
+        if batch.groups is None:
             raise ValueError("the parity penalty needs a dataset with a sensitive attribute")
-        positive = torch.softmax(logits, dim=1)[:, 1]
-        ones, zeros = groups == 1, groups == 0
-        if not ones.any() or not zeros.any():
-            return logits.new_zeros(())
-        return self.params.mu * (positive[ones].mean() - positive[zeros].mean()).abs()
+        positive = torch.softmax(batch.logits, dim=1)[:, 1]
+        real = torch.ones_like(positive) if batch.weights is None else (batch.weights > 0).to(positive.dtype)
+        ones, zeros = (batch.groups == 1) * real, (batch.groups == 0) * real
+        count1, count0 = ones.sum(), zeros.sum()
+        gap = (positive * ones).sum() / count1.clamp(min=1) - (positive * zeros).sum() / count0.clamp(min=1)
+        both = (count1 > 0) & (count0 > 0)
+        return torch.where(both, self.params.mu * gap.abs(), torch.zeros_like(gap))

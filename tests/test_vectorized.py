@@ -13,7 +13,7 @@ from clients.training import train_locally
 from clients.vectorized import FunctionalOptimizer, train_vectorized, vectorize_blocker
 from fedsim.config import ClientSection, ModelSection
 from fedsim.data.tensors import LocalData
-from fedsim.method import ClientContext, NoParams, TrainPlan
+from fedsim.method import ClientContext, LossTerm, NoParams, TrainPlan
 from fedsim.models import build_model
 from fedsim.terms import ParityPenalty, Proximal
 from strategies.fedld import MarginControl
@@ -108,11 +108,29 @@ def test_what_cannot_vectorize_says_why():
     assert vectorize_blocker(mlp, [[Proximal(Proximal.Params(mu=0.1), ctx)]] * 2) == ""
     mixed = [[Proximal(Proximal.Params(mu=0.1), ctx)], [Proximal(Proximal.Params(mu=0.2), ctx)]]
     assert "differ" in vectorize_blocker(mlp, mixed)
-    parity = [[ParityPenalty(ParityPenalty.Params(mu=1.0), ctx)] for _ in range(2)]
-    data = clients(SHAPES["mlp"], [6, 6], groups=True)
+    class Branchy(LossTerm):
+        per_client = ()
+
+        def penalty(self, model, batch):
+            return batch.logits.sum() if (batch.logits > 0).any() else batch.logits.new_zeros(())
+
+    branchy = [[Branchy(NoParams(), ctx)] for _ in range(2)]
+    data = clients(SHAPES["mlp"], [6, 6])
     start = {k: v.detach() for k, v in mlp.named_parameters()}
     with pytest.raises(RuntimeError):  # data-dependent control flow: vmap refuses it
-        train_vectorized(mlp, start, data, [0, 1], [None, None], ClientSection(batch_size=4), 0.1, parity)
+        train_vectorized(mlp, start, data, [0, 1], [None, None], ClientSection(batch_size=4), 0.1, branchy)
+    assert "do not declare" in vectorize_blocker(mlp, [[LossTerm(NoParams(), ctx)]] * 2)
+
+
+def test_the_parity_penalty_vectorizes_on_groups_and_padded_batches():
+    settings = ClientSection(batch_size=4, local_epochs=2, lr=0.1)
+    model = build_model(ModelSection(name="mlp", hidden=[8]), SHAPES["mlp"], 3, 2)
+    data = clients(SHAPES["mlp"], [7, 10, 5], seed=4, groups=True)
+    data[2].z_train[:] = 1  # one client holds a single group: its penalty is 0 in every batch
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    terms = [[ParityPenalty(ParityPenalty.Params(mu=2.0), context(model, cid))] for cid in range(3)]
+    got = train_vectorized(model, start, data, [5, 6, 7], [None] * 3, settings, settings.lr, terms)
+    assert_close(got, one_by_one(model, data, settings, [5, 6, 7], [None] * 3, terms))
 
 
 def test_the_functional_adam_is_torchs_adam():
@@ -152,7 +170,9 @@ def test_a_batchnorm_model_trains_one_by_one_and_the_log_says_why(tmp_path):
     (["strategy.name=scaffold"], 1e-4),
     # Adam turns float32 noise on a CNN's near-zero gradients into steps of up to lr (see above):
     # the accuracy agrees, single weights need not
-    (["strategy.name=fedprox", "client.optimizer=adam", "model.name=cnn"], None)])
+    (["strategy.name=fedprox", "client.optimizer=adam", "model.name=cnn"], None),
+    (["data.dataset=adult", "model.name=logreg", "data.num_clients=4", "strategy.clients_per_round=4",
+      "client.objectives={parity = {mu = 0.5}}"], 1e-4)])
 def test_whole_runs_with_and_without_vectorizing_agree(tmp_path, settings, model_tol):
     from fedsim.config import load_config
     from fedsim.runner import run_experiment
