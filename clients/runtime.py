@@ -250,57 +250,86 @@ class Worker:
                                 self.config.client.lr, steps=client.contexts[0].plan.local_steps)
         return self.finish(client, metrics)
 
-    def train_together(self, global_arrays: dict[str, torch.Tensor]) -> list[ClientResult] | None:
-        """Every client of the task trained at once: with the hand-written lockstep kernels for
-        Linear / ReLU models with SGD and at most a proximal term (engine.lockstep; the fastest
-        for small models), else as one torch.func program (engine.vectorize); None when neither
-        applies (the clients then train one by one; when vectorizing was asked for, the reason is
-        noted once)."""
-        config, count = self.config, len(self.task.clients)
-        lockstep = config.engine.lockstep and lockstep_possible(config)
-        vectorize = config.engine.vectorize == "on" or (
-            config.engine.vectorize == "auto" and self.res.device.type == "cuda")
-        if count < 2 or not (lockstep or vectorize):
-            return None
-        clients = [self.prepare(i, global_arrays) for i in range(count)]
-        terms = [c.terms for c in clients]
+    def together(self, first: Prepared) -> str:
+        """How this task's clients train together, judged from its first client (every client
+        gets the same kinds of plan and loss terms): 'lockstep' (the hand-written kernels for
+        Linear / ReLU models with SGD and at most a proximal term, the fastest for small models),
+        'vectorize' (one torch.func program) or '' (one by one; when vectorizing was asked for,
+        the reason is noted once)."""
+        config = self.config
+        if config.engine.lockstep and lockstep_possible(config) and lockstep_proximal_mu(
+                [first.contexts[0].plan], [first.terms]) is not None:
+            return "lockstep"
+        if not (config.engine.vectorize == "on" or (config.engine.vectorize == "auto"
+                                                    and self.res.device.type == "cuda")):
+            return ""
+        if reason := vectorize_blocker(self.res.model, [first.terms]):
+            self.notes.append(f"clients train one by one: {reason}")
+            return ""
+        return "vectorize"
+
+    def train_group(self, how: str, clients: list[Prepared],
+                    global_arrays: dict[str, torch.Tensor]) -> list[tuple[dict[str, torch.Tensor], dict]]:
+        """Train prepared clients together: per client its trained parameters and metrics."""
+        config, names = self.config, [name for name, _ in self.res.model.named_parameters()]
         data, seeds = [c.data for c in clients], [c.seed for c in clients]
         steps = [c.contexts[0].plan.local_steps for c in clients]
-        names = [name for name, _ in self.res.model.named_parameters()]
-        mus = lockstep_proximal_mu([c.contexts[0].plan for c in clients], terms) if lockstep else None
-        if mus is not None:
+        terms = [c.terms for c in clients]
+        if how == "lockstep":
+            mus = lockstep_proximal_mu([c.contexts[0].plan for c in clients], terms)
             kernel = train_in_lockstep([global_arrays[n] for n in names], data, seeds,
-                                       [config.client.lr] * count, steps, config.client, mus)
-            trained = [(dict(zip(names, params, strict=True)), metrics) for params, metrics in kernel]
-        elif not vectorize:
+                                       [config.client.lr] * len(clients), steps, config.client, mus)
+            return [(dict(zip(names, params, strict=True)), metrics) for params, metrics in kernel]
+        if reason := vectorize_blocker(self.res.model, terms):
+            raise ValueError(reason)
+        return train_vectorized(self.res.model, {n: global_arrays[n] for n in names}, data, seeds, steps,
+                                config.client, config.client.lr, terms)
+
+    def train_together(self, global_arrays: dict[str, torch.Tensor],
+                       failures: dict[int, str]) -> list[ClientResult] | None:
+        """Every client of the task trained together (see `together`), in chunks that fit
+        engine.vectorize_memory_mb, each prepared, trained and finished before the next; None
+        when they train one by one. If training a chunk together fails, the clients not yet
+        finished train one by one (which isolates a failing client in `failures`)."""
+        count = len(self.task.clients)
+        if count < 2 or not (self.config.engine.lockstep or self.config.engine.vectorize != "off"):
             return None
-        else:
-            if reason := vectorize_blocker(self.res.model, terms):
-                self.notes.append(f"clients train one by one: {reason}")
-                return None
-            start = {n: global_arrays[n] for n in names}
-            chunk = clients_per_chunk(self.res.model, data[0].x_train[:1], config.client,
-                                      config.engine.vectorize_memory_mb * 2**20)
-            trained = []
-            for first in range(0, count, chunk):
-                part = slice(first, first + chunk)
-                trained += train_vectorized(self.res.model, start, data[part], seeds[part], steps[part],
-                                            config.client, config.client.lr, terms[part])
-        results = []
-        for client, (params, metrics) in zip(clients, trained, strict=True):
-            self.res.load_global({**global_arrays, **params})
-            results.append(self.finish(client, metrics))
+        first = self.prepare(0, global_arrays)
+        how = self.together(first)
+        if not how:
+            return None
+        chunk = count if how == "lockstep" else clients_per_chunk(
+            self.res.model, first.data, first.terms, self.config.client,
+            self.config.engine.vectorize_memory_mb * 2**20)
+        results: list[ClientResult] = []
+        for start in range(0, count, chunk):
+            indices = range(start, min(start + chunk, count))
+            try:
+                clients = [first if i == 0 else self.prepare(i, global_arrays) for i in indices]
+                trained = self.train_group(how, clients, global_arrays)
+            except Exception as exc:  # a term vmap refuses, one client's data: isolate it
+                first_line = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                self.notes.append(f"clients train one by one: training them together raised {first_line}")
+                return results + self.train_each(global_arrays, failures, range(start, count))
+            for client, (params, metrics) in zip(clients, trained, strict=True):
+                try:
+                    self.res.load_global({**global_arrays, **params})
+                    results.append(self.finish(client, metrics))
+                except Exception as exc:
+                    failures[client.client_id] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
         return results
 
-    def train_each(self, global_arrays: dict[str, torch.Tensor],
-                   failures: dict[int, str]) -> list[ClientResult]:
-        """The task's clients trained one after another; one that raises is noted in `failures`."""
+    def train_each(self, global_arrays: dict[str, torch.Tensor], failures: dict[int, str],
+                   indices: range | None = None) -> list[ClientResult]:
+        """The task's clients (or those at `indices`) trained one after another; one that raises
+        is noted in `failures`."""
         outcomes = []
-        for index, client in enumerate(self.task.clients):
+        for index in indices if indices is not None else range(len(self.task.clients)):
             try:
                 outcomes.append(self.train_one(index, global_arrays))
             except Exception as exc:  # a failing client must not take the others down
-                failures[client.client_id] = f"{type(exc).__name__}: {exc}"
+                failures[self.task.clients[index].client_id] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
         return outcomes
 
@@ -313,10 +342,10 @@ def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     result = WorkerResult()
     outcomes = None
     try:
-        outcomes = worker.train_together(global_arrays)
-    except Exception as exc:  # a loss term vmap refuses, or one client's data: one by one isolates it
-        first_line = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        worker.notes.append(f"clients train one by one: training them together raised {first_line}")
+        outcomes = worker.train_together(global_arrays, result.failures)
+    except Exception as exc:  # e.g. the first client's data hook: one by one isolates it
+        traceback.print_exc()
+        worker.notes.append(f"clients train one by one: {type(exc).__name__}: {exc}".splitlines()[0][:300])
     if outcomes is None:
         outcomes = worker.train_each(global_arrays, result.failures)
     result.notes = worker.notes

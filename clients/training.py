@@ -67,7 +67,7 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
     optimizer = make_optimizer(model, settings, lr)
     model.train()
     loss_sum, done = torch.zeros((), device=data.x_train.device), 0
-    while done < steps:
+    while done < steps and n > 0:  # a client without data takes no step
         order = torch.randperm(n, generator=generator).to(data.x_train.device)
         inputs, labels = data.x_train[order], data.y_train[order]  # one gather per pass
         groups = data.z_train[order] if data.z_train is not None else None

@@ -40,6 +40,8 @@ def vectorize_blocker(model: nn.Module, terms: list[list[LossTerm]]) -> str:
     """Why these clients cannot train as one vectorized program ('' when they can)."""
     if any(True for _ in model.buffers()):
         return "the model has buffers (e.g. BatchNorm running statistics)"
+    if any(not p.requires_grad for p in model.parameters()):
+        return "the model has frozen parameters"
     undeclared = sorted({type(t).__name__ for client in terms for t in client if t.per_client is None})
     if undeclared:
         return f"loss term(s) {', '.join(undeclared)} do not declare their per-client tensors (per_client)"
@@ -49,29 +51,36 @@ def vectorize_blocker(model: nn.Module, terms: list[list[LossTerm]]) -> str:
     return ""
 
 
-def clients_per_chunk(model: nn.Module, example: torch.Tensor, settings: ClientSection,
+def clients_per_chunk(model: nn.Module, data: LocalData, terms: list[LossTerm], settings: ClientSection,
                       budget_bytes: float) -> int:
-    """How many clients one vectorized program may hold within `budget_bytes`: per client its
-    parameters, their gradients and optimizer state, and one batch's activations (measured by
-    a forward pass on `example`, a batch of one, kept three times over for the backward pass)."""
+    """How many clients like this one (its data and loss terms) one vectorized program may hold
+    within `budget_bytes`: per client its parameters with their gradients and optimizer state,
+    its training data and per-client term tensors, and one batch's activations (measured by a
+    forward pass on one example, kept three times over for the backward pass)."""
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() * out.element_size()))
              for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(example)
+            model(data.x_train[:1])
     finally:
         for hook in hooks:
             hook.remove()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     slots = 2 if settings.optimizer == "adam" else int(settings.momentum > 0)
-    per_client = params * (3 + slots) + 3 * settings.batch_size * sum(sizes)
+    term_tensors = sum(t.numel() * t.element_size() for term in terms for attr in (term.per_client or ())
+                       for t in getattr(term, attr).values())
+    example = data.x_train[:1].numel() * data.x_train.element_size()
+    per_client = (params * (3 + slots) + 3 * settings.batch_size * sum(sizes) + term_tensors
+                  + data.x_train.numel() * data.x_train.element_size() + settings.batch_size * example)
     return max(1, int(budget_bytes // per_client))
 
 
 def batch_plan(n: int, steps: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (steps, batch_size) and validity mask of one client's batches, drawn as
     `train_locally` draws them (a fresh permutation per pass from a generator seeded `seed`)."""
+    if steps == 0:
+        return torch.zeros(0, batch_size, dtype=torch.long), torch.zeros(0, batch_size)
     generator = torch.Generator().manual_seed(seed)
     per_pass = math.ceil(n / batch_size)
     width = per_pass * batch_size  # a pass padded to whole batches; the padding is masked out
@@ -104,7 +113,7 @@ class ClientBatches:
     def build(cls, data: list[LocalData], seeds: list[int], steps: list[int | None],
               settings: ClientSection, device: torch.device) -> ClientBatches:
         sizes = [len(d.y_train) for d in data]
-        steps = [planned_steps(n, settings) if s is None else int(s)
+        steps = [0 if n == 0 else planned_steps(n, settings) if s is None else int(s)
                  for n, s in zip(sizes, steps, strict=True)]
         order = sorted(range(len(data)), key=lambda i: -steps[i])
         offsets = [0, *torch.tensor([sizes[i] for i in order]).cumsum(0).tolist()]

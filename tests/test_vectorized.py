@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -122,6 +123,19 @@ def test_what_cannot_vectorize_says_why():
     assert "do not declare" in vectorize_blocker(mlp, [[LossTerm(NoParams(), ctx)]] * 2)
 
 
+def test_frozen_parameters_and_clients_without_data():
+    mlp = build_model(ModelSection(name="mlp", hidden=[8]), SHAPES["mlp"], 3, 0)
+    mlp[1].weight.requires_grad_(False)
+    assert "frozen" in vectorize_blocker(mlp, [[], []])
+    mlp[1].weight.requires_grad_(True)
+    settings = ClientSection(batch_size=4, lr=0.1)
+    data = clients(SHAPES["mlp"], [9, 0, 5])  # the second client holds no example
+    start = {k: v.detach() for k, v in mlp.named_parameters()}
+    got = train_vectorized(mlp, start, data, [1, 2, 3], [None] * 3, settings, 0.1, [[], [], []])
+    assert got[1][1]["steps"] == 0 and all(torch.equal(got[1][0][k], start[k]) for k in start)
+    assert_close(got, one_by_one(mlp, data, settings, [1, 2, 3], [None] * 3, [[], [], []]))
+
+
 def test_the_parity_penalty_vectorizes_on_groups_and_padded_batches():
     settings = ClientSection(batch_size=4, local_epochs=2, lr=0.1)
     model = build_model(ModelSection(name="mlp", hidden=[8]), SHAPES["mlp"], 3, 2)
@@ -197,12 +211,15 @@ def test_chunks_fit_the_memory_budget_and_change_nothing(tmp_path):
     from fedsim.runner import run_experiment
 
     model = build_model(ModelSection(name="cnn"), (1, 28, 28), 10, 0)
-    example = torch.zeros(1, 1, 28, 28)
+    data = clients((1, 28, 28), [60])[0]
     sgd, adam = ClientSection(batch_size=10), ClientSection(batch_size=10, optimizer="adam")
-    per_gb = clients_per_chunk(model, example, sgd, 2**30)
-    assert per_gb > 10 and clients_per_chunk(model, example, sgd, 2**31) in (2 * per_gb, 2 * per_gb + 1)
-    assert clients_per_chunk(model, example, adam, 2**30) < per_gb  # two more state tensors
-    assert clients_per_chunk(model, example, sgd, 1) == 1
+    per_gb = clients_per_chunk(model, data, [], sgd, 2**30)
+    assert per_gb > 10 and clients_per_chunk(model, data, [], sgd, 2**31) in (2 * per_gb, 2 * per_gb + 1)
+    assert clients_per_chunk(model, data, [], adam, 2**30) < per_gb  # two more state tensors
+    assert clients_per_chunk(model, data, [], sgd, 1) == 1
+    correction = ControlCorrection(NoParams(), context(model, 0, {k: torch.zeros_like(v) for k, v in
+                                                                  model.named_parameters()}))
+    assert clients_per_chunk(model, data, [correction], sgd, 2**30) < per_gb  # a model-sized tensor
     finals = []
     for budget in ("2048", "0.001"):  # all of a worker's clients at once, then one at a time
         config = load_config(QUICKSTART, ["engine.backend=inprocess", "experiment.rounds=2",
@@ -211,3 +228,58 @@ def test_chunks_fit_the_memory_budget_and_change_nothing(tmp_path):
                                           f"output.run_dir={tmp_path / budget}"])
         finals.append(run_experiment(config).rounds["test_accuracy"].iloc[-1])
     assert finals[0] == pytest.approx(finals[1], abs=1e-4)
+
+
+def clients_and_model(tmp_path, name, *overrides):
+    from fedsim.config import load_config
+    from fedsim.runner import run_experiment
+
+    config = load_config(QUICKSTART, ["engine.backend=inprocess", "experiment.rounds=2",
+                                      "client.local_epochs=1", f"output.run_dir={tmp_path / name}",
+                                      *overrides])
+    run_experiment(config)
+    clients_table = pd.read_parquet(tmp_path / name / "clients.parquet").dropna(subset=["train_loss"])
+    with np.load(tmp_path / name / "model.npz") as model:
+        return clients_table.set_index(["round", "client_id"]), {k: model[k] for k in model.files}
+
+
+def test_several_chunks_per_worker_and_a_failing_chunk_keep_every_clients_result(tmp_path, monkeypatch):
+    import clients.runtime
+
+    reference, model = clients_and_model(tmp_path, "one-by-one", "strategy.name=scaffold",
+                                         "engine.vectorize=off")
+    monkeypatch.setattr(clients.runtime, "clients_per_chunk", lambda *args: 2)  # 5 clients: 2 + 2 + 1
+    chunked, chunked_model = clients_and_model(tmp_path, "chunks", "strategy.name=scaffold",
+                                               "engine.vectorize=on")
+    real, calls = clients.runtime.train_vectorized, []
+
+    def second_chunk_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) % 3 == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clients.runtime, "train_vectorized", second_chunk_fails)
+    fallback, fallback_model = clients_and_model(tmp_path, "fallback", "strategy.name=scaffold",
+                                                 "engine.vectorize=on")
+    assert "training them together raised RuntimeError: out of memory" in (
+        tmp_path / "fallback" / "log.txt").read_text()
+    for table in (chunked, fallback):  # every client once, as trained one by one
+        assert table.index.equals(reference.index)
+        assert np.allclose(table["train_loss"], reference["train_loss"], atol=1e-5)
+        assert (table["steps"] == reference["steps"]).all()
+    for arrays in (chunked_model, fallback_model):  # SCAFFOLD's state was not updated twice
+        assert all(np.allclose(arrays[k], model[k], atol=1e-5) for k in model)
+
+
+@pytest.mark.parametrize("strategy", ["qffl", "fednova"])
+def test_methods_with_hooks_train_in_lockstep_as_one_by_one(tmp_path, strategy):
+    """q-FFL reports the global model first and FedNova sends extra outputs: both now take the
+    lockstep kernels, with the same per-client results as one by one."""
+    together, model = clients_and_model(tmp_path, "lockstep", f"strategy.name={strategy}")
+    alone, alone_model = clients_and_model(tmp_path, "alone", f"strategy.name={strategy}",
+                                           "engine.lockstep=false")
+    assert together.index.equals(alone.index)
+    shared = [c for c in alone if c not in ("train_seconds",) and pd.api.types.is_numeric_dtype(alone[c])]
+    assert np.allclose(together[shared], alone[shared], atol=2e-5, equal_nan=True)
+    assert all(np.allclose(model[k], alone_model[k], atol=2e-5) for k in model)
