@@ -33,11 +33,16 @@ def representation(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise ValueError("moon needs a model that is an nn.Sequential or defines features(x)")
 
 
-def frozen_copy(ctx: ClientContext, arrays: dict[str, torch.Tensor]) -> nn.Module:
-    model = ctx.model_factory().to(next(iter(arrays.values())).device)
-    model.load_state_dict(arrays)
-    model.eval()
-    return model.requires_grad_(False)
+class Representer(nn.Module):
+    """`representation` as a module's forward, so a frozen model runs on given weights through
+    functional_call (and, in vectorized training, on every client's own weights at once)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return representation(self.model, x)
 
 
 class MoonParams(NoParams):
@@ -46,26 +51,38 @@ class MoonParams(NoParams):
 
 
 class ModelContrast(LossTerm):
-    """mu * l_con against the frozen global and previous local models."""
+    """mu * l_con against the frozen global and previous local models (the previous model's
+    weights differ per client: `per_client`)."""
+
+    per_client = ("previous",)
 
     def __init__(self, params: MoonParams, ctx: ClientContext) -> None:
         super().__init__(params, ctx)
-        previous = ctx.store.load("previous")
+        stored = ctx.store.load("previous")
         device = next(iter(ctx.global_arrays.values())).device
-        self.global_model = frozen_copy(ctx, ctx.global_arrays)
-        self.previous_model = self.global_model if previous is None else frozen_copy(
-            ctx, {k: torch.as_tensor(v, device=device) for k, v in previous.items()})
+        if "moon-frame" not in ctx.cache:  # any model of the architecture: its weights are replaced
+            ctx.cache["moon-frame"] = Representer(ctx.model_factory().eval().requires_grad_(False))
+        self.frame = ctx.cache["moon-frame"]
+        self.global_weights = {k: v.detach() for k, v in ctx.global_arrays.items()}
+        self.previous = self.global_weights if stored is None else {
+            k: torch.as_tensor(v, device=device) for k, v in stored.items()}
+
+    def frozen(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The representation of `x` by the frozen model with these weights (a state dict)."""
+        return torch.func.functional_call(self.frame, {f"model.{k}": v for k, v in weights.items()}, (x,))
 
     def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         z = representation(model, batch.inputs)
         with torch.no_grad():
-            z_global = representation(self.global_model, batch.inputs)
-            z_previous = representation(self.previous_model, batch.inputs)
+            z_global = self.frozen(self.global_weights, batch.inputs)
+            z_previous = self.frozen(self.previous, batch.inputs)
         t = self.params.temperature
         logits = torch.stack([F.cosine_similarity(z, z_global, dim=1),
                               F.cosine_similarity(z, z_previous, dim=1)], dim=1) / t
         positive = torch.zeros(len(z), dtype=torch.long, device=z.device)
-        return self.params.mu * F.cross_entropy(logits, positive)
+        if batch.weights is None:
+            return self.params.mu * F.cross_entropy(logits, positive)
+        return self.params.mu * (F.cross_entropy(logits, positive, reduction="none") * batch.weights).sum()
 
 
 class Moon(Method):

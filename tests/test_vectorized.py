@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,34 @@ def test_what_cannot_vectorize_says_why():
     with pytest.raises(RuntimeError):  # data-dependent control flow: vmap refuses it
         train_vectorized(mlp, start, data, [0, 1], [None, None], ClientSection(batch_size=4), 0.1, branchy)
     assert "do not declare" in vectorize_blocker(mlp, [[LossTerm(NoParams(), ctx)]] * 2)
+
+
+class PreviousStore:
+    def __init__(self, previous):
+        self.previous = previous
+
+    def load(self, name):
+        return self.previous
+
+
+def test_moons_contrastive_term_vectorizes_with_each_clients_previous_model():
+    from strategies.moon import ModelContrast, MoonParams
+
+    settings = ClientSection(batch_size=4, local_epochs=1, lr=0.1, momentum=0.9)
+    model = build_model(ModelSection(name="mlp", hidden=[8]), SHAPES["mlp"], 3, 3)
+    data = clients(SHAPES["mlp"], [7, 10, 6], seed=8)
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    generator = torch.Generator().manual_seed(9)
+    terms = []
+    for cid in range(3):
+        previous = None if cid == 0 else {  # client 0 has no previous model yet
+            k: (v + 0.1 * torch.randn(v.shape, generator=generator)).numpy() for k, v in start.items()}
+        ctx = replace(context(model, cid), store=PreviousStore(previous),
+                      model_factory=lambda: copy.deepcopy(model), cache={})
+        terms.append([ModelContrast(MoonParams(mu=1.0, temperature=0.5), ctx)])
+    assert vectorize_blocker(model, terms) == ""
+    got = train_vectorized(model, start, data, [4, 5, 6], [None] * 3, settings, settings.lr, terms)
+    assert_close(got, one_by_one(model, data, settings, [4, 5, 6], [None] * 3, terms))
 
 
 def test_frozen_parameters_and_clients_without_data():
