@@ -134,6 +134,11 @@ def _tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, t
     return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
 
 
+def error_line(exc: Exception) -> str:
+    """An exception as one short line for the run's log."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
     """What the received global model does on this client's training data, before training:
     its mean loss, and its confusion counts per sensitive group (prefixed `pre_`)."""
@@ -239,13 +244,15 @@ class Worker:
         outputs = {"model": {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}}
         for component, ctx in zip(self.components, client.contexts, strict=True):
             ctx.steps = int(metrics["steps"])
-            update = component.after_training(ctx, self.res.model)
+            update = component.after_training(ctx, model)
             outputs.update(update.outputs)
             metrics.update(update.metrics)
         return ClientResult(client.client_id, metrics, outputs, self.store.saved(client.client_id))
 
-    def train_one(self, index: int, global_arrays: dict[str, torch.Tensor]) -> ClientResult:
-        client = self.prepare(index, global_arrays)
+    def train_one(self, index: int, global_arrays: dict[str, torch.Tensor],
+                  client: Prepared | None = None) -> ClientResult:
+        """Client `index` trained alone (`client`: already prepared)."""
+        client = client or self.prepare(index, global_arrays)
         metrics = train_locally(self.res.model, client.data, self.config.client, client.terms, client.seed,
                                 self.config.client.lr, steps=client.contexts[0].plan.local_steps)
         return self.finish(client, metrics)
@@ -288,16 +295,17 @@ class Worker:
     def train_together(self, global_arrays: dict[str, torch.Tensor],
                        failures: dict[int, str]) -> list[ClientResult] | None:
         """Every client of the task trained together (see `together`), in chunks that fit
-        engine.vectorize_memory_mb, each prepared, trained and finished before the next; None
-        when they train one by one. If training a chunk together fails, the clients not yet
-        finished train one by one (which isolates a failing client in `failures`)."""
+        engine.vectorize_memory_mb, each prepared, trained and finished before the next, or one
+        by one when they cannot; None when training together is off or pointless (one client).
+        If training a chunk together fails, the clients not yet finished train one by one (which
+        isolates a failing client in `failures`)."""
         count = len(self.task.clients)
         if count < 2 or not (self.config.engine.lockstep or self.config.engine.vectorize != "off"):
             return None
         first = self.prepare(0, global_arrays)
         how = self.together(first)
         if not how:
-            return None
+            return self.train_each(global_arrays, failures, first=first)
         chunk = count if how == "lockstep" else clients_per_chunk(
             self.res.model, first.data, first.terms, self.config.client,
             self.config.engine.vectorize_memory_mb * 2**20)
@@ -308,8 +316,8 @@ class Worker:
                 clients = [first if i == 0 else self.prepare(i, global_arrays) for i in indices]
                 trained = self.train_group(how, clients, global_arrays)
             except Exception as exc:  # a term vmap refuses, one client's data: isolate it
-                first_line = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                self.notes.append(f"clients train one by one: training them together raised {first_line}")
+                self.notes.append("clients train one by one: training them together raised "
+                                  + error_line(exc))
                 return results + self.train_each(global_arrays, failures, range(start, count))
             for client, (params, metrics) in zip(clients, trained, strict=True):
                 try:
@@ -321,13 +329,13 @@ class Worker:
         return results
 
     def train_each(self, global_arrays: dict[str, torch.Tensor], failures: dict[int, str],
-                   indices: range | None = None) -> list[ClientResult]:
+                   indices: range | None = None, first: Prepared | None = None) -> list[ClientResult]:
         """The task's clients (or those at `indices`) trained one after another; one that raises
-        is noted in `failures`."""
+        is noted in `failures`. `first`: client 0 already prepared."""
         outcomes = []
         for index in indices if indices is not None else range(len(self.task.clients)):
             try:
-                outcomes.append(self.train_one(index, global_arrays))
+                outcomes.append(self.train_one(index, global_arrays, first if index == 0 else None))
             except Exception as exc:  # a failing client must not take the others down
                 failures[self.task.clients[index].client_id] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
@@ -345,7 +353,7 @@ def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
         outcomes = worker.train_together(global_arrays, result.failures)
     except Exception as exc:  # e.g. the first client's data hook: one by one isolates it
         traceback.print_exc()
-        worker.notes.append(f"clients train one by one: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+        worker.notes.append(f"clients train one by one: {error_line(exc)}")
     if outcomes is None:
         outcomes = worker.train_each(global_arrays, result.failures)
     result.notes = worker.notes

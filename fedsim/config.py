@@ -273,6 +273,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A spec's values by dotted key: {"client": {"lr": 0.1}} -> {"client.lr": 0.1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def set_key(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     """Set the dotted `key` (e.g. `data.partition.alpha`) in a nested raw config dict."""
     node = raw

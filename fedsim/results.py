@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,31 +52,26 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"cannot record {type(value).__name__} {value!r} in a results table")
 
 
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The rows of a journal; a last line cut off by a crash is left out."""
-    rows = []
+def _journal_entries(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each complete line of a journal with its row; a last line cut off by a crash is left out."""
     with open(path) as handle:
         for line in handle:
             try:
-                rows.append(json.loads(line))
+                yield line.rstrip("\n"), json.loads(line)
             except json.JSONDecodeError:
-                break  # only the line being written when the process died can be incomplete
-    return rows
+                return  # only the line being written when the process died can be incomplete
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The rows of a journal."""
+    return [row for _, row in _journal_entries(path)]
 
 
 def journal_lines(path: Path, last_round: int) -> list[str]:
     """A journal's complete lines of rounds up to `last_round`, exactly as written."""
     if not path.is_file():
         return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # cut off by a crash
-        if row["round"] <= last_round:
-            kept.append(line + "\n")
-    return kept
+    return [line + "\n" for line, row in _journal_entries(path) if row["round"] <= last_round]
 
 
 def read_table(run_dir: Path, name: str) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import ExperimentConfig, validate_config
+from fedsim.config import ExperimentConfig, flat_keys, validate_config
 from fedsim.engine.checkpoint import Checkpoint, latest_checkpoint, remove_checkpoints
 from fedsim.errors import ConfigError
 from fedsim.results import SUMMARY_FILE
@@ -16,17 +16,6 @@ from fedsim.results import SUMMARY_FILE
 # Keys that say where and how often results are written, not what the run computes.
 FREE_KEYS = {"output.dir", "output.run_dir", "output.checkpoint_every", "output.checkpoint_keep"}
 ABSENT = "(not set)"
-
-
-def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"client": {"lr": 0.1}} -> {"client.lr": 0.1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flat_keys(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def differences(ran: dict[str, Any], now: dict[str, Any]) -> list[str]:

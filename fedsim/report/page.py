@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.config import flat_keys
 from fedsim.report.plots import (
     DECOMPOSITION,
     FAIRNESS,
@@ -25,7 +26,7 @@ from fedsim.report.plots import (
     levels_of,
     variants_of,
 )
-from fedsim.report.runs import RunRecord, collect_runs, flat_config
+from fedsim.report.runs import RunRecord, collect_runs
 from fedsim.report.tables import summary_table, table_html
 
 PACKAGES = ["fedsim", "flwr", "flwr-datasets", "torch", "ray", "numpy", "pandas"]
@@ -43,10 +44,10 @@ def versions() -> dict[str, str]:
 
 def config_differences(runs: list[RunRecord]) -> tuple[dict, list[tuple[str, dict]]]:
     """The first run's config, and for every run the keys where it differs from it."""
-    base = flat_config(runs[0].config)
+    base = flat_keys(runs[0].config)
     diffs = []
     for run in runs:
-        mine = flat_config(run.config)
+        mine = flat_keys(run.config)
         diffs.append((run.run_dir.name, {k: v for k, v in mine.items()
                                          if base.get(k) != v and k != "output.run_dir"}))
     return runs[0].config, diffs

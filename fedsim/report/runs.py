@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedsim.config import flat_keys
 from fedsim.results import SUMMARY_FILE, read_table
 
 
@@ -65,18 +66,8 @@ NOT_A_LEVEL = ("experiment.seed", "experiment.name", "strategy.", "output.", "en
 def _label_loose_runs(runs: list[RunRecord]) -> None:
     """Runs given one by one: their level is the config keys that differ between them, other
     than the seed, the strategy and where or how they ran."""
-    flats = [flat_config(r.config) for r in runs]
+    flats = [flat_keys(r.config) for r in runs]
     keys = sorted({k for f in flats for k in f if not k.startswith(NOT_A_LEVEL)
                    and len({json.dumps(g.get(k)) for g in flats}) > 1})
     for run, flat in zip(runs, flats, strict=True):
         run.level = ", ".join(f"{k.rsplit('.', 1)[-1]}={flat.get(k)}" for k in keys)
-
-
-def flat_config(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
