@@ -26,8 +26,10 @@ LOCKSTEP_MODELS = ("logreg", "mlp")  # Linear layers with ReLU between them
 
 
 def lockstep_possible(config: ExperimentConfig) -> bool:
-    """Whether the hand-written kernels fit the run: logistic regression or an MLP, plain SGD."""
-    return config.model.name in LOCKSTEP_MODELS and config.client.optimizer == "sgd"
+    """Whether the hand-written kernels fit the run: logistic regression or an MLP, plain SGD, no
+    augmentation."""
+    return (config.model.name in LOCKSTEP_MODELS and config.client.optimizer == "sgd"
+            and not config.client.augment)
 
 
 def lockstep_proximal_mu(plans: list[TrainPlan], terms: list[list[LossTerm]]) -> list[float] | None:

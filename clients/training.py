@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.sgd import sgd
 
+from clients.augment import augment, draw_keys
 from fedsim.config import ClientSection
 from fedsim.data.tensors import LocalData
 from fedsim.method import Batch, LossTerm
@@ -57,7 +58,8 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
     `steps` (a straggler's reduced work) overrides the planned number of local steps.
 
     Batches come from reshuffled passes over the data, drawn from a generator seeded with
-    `seed`, so a client's training is a pure function of (global weights, data, seed).
+    `seed` (and `client.augment`'s crops and flips from `seed` too), so a client's training is a
+    pure function of (global weights, data, seed).
     """
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -73,11 +75,15 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
         groups = data.z_train[order] if data.z_train is not None else None
         for start in range(0, n, settings.batch_size):
             batch = slice(start, start + settings.batch_size)
-            logits = model(inputs[batch])
+            features = inputs[batch]
+            if settings.augment:
+                keys = draw_keys(torch.tensor(seed, device=features.device), done, len(features))
+                features = augment(features, keys, settings.augment)
+            logits = model(features)
             targets = labels[batch]
             loss = F.cross_entropy(logits, targets)
             if terms:
-                seen = Batch(inputs[batch], logits, targets, None if groups is None else groups[batch])
+                seen = Batch(features, logits, targets, None if groups is None else groups[batch])
                 for term in terms:
                     loss = loss + term.penalty(model, seen)
             optimizer.zero_grad(set_to_none=True)

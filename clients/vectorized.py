@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
+from clients.augment import augment, draw_keys
 from fedsim.config import ClientSection
 from fedsim.data.tensors import LocalData
 from fedsim.method import Batch, LossTerm
@@ -100,6 +101,7 @@ class ClientBatches:
     data) and which of them are real (`mask`: short batches are padded)."""
 
     order: list[int]  # slot -> the client's position in the caller's list
+    seeds: torch.Tensor  # per slot, the client's seed
     sizes: list[int]
     steps: list[int]
     features: torch.Tensor
@@ -128,7 +130,9 @@ class ClientBatches:
             mask[slot, :steps[i]] = valid
         labels = torch.cat([data[i].y_train for i in order])
         active = [sum(1 for s in steps if s > t) for t in range(horizon)]
-        return cls(order, sizes, steps, features, labels, groups, index.to(device), mask.to(device), active)
+        seeds_in_order = torch.tensor([seeds[i] for i in order], device=device)
+        return cls(order, seeds_in_order, sizes, steps, features, labels, groups, index.to(device),
+                   mask.to(device), active)
 
     def results(self, params_of_slot: Callable[[int], Any], loss_sum: torch.Tensor,
                 seconds: float) -> list[tuple[Any, dict[str, float]]]:
@@ -243,17 +247,27 @@ def _templates_restored(templates: list[LossTerm]) -> Iterator[None]:
                 setattr(term, attr, value)
 
 
+def _batch_features(batches: ClientBatches, rows: torch.Tensor, step: int, kinds: list[str]) -> torch.Tensor:
+    """The active clients' inputs at one step (clients, batch, ...), augmented as one by one."""
+    features = batches.features[rows]
+    if not kinds:
+        return features
+    keys = draw_keys(batches.seeds[:len(rows)], step, rows.shape[1])
+    return augment(features.flatten(0, 1), keys.flatten(), kinds).view(features.shape)
+
+
 def _run_steps(step_fn, params: Params, optimizer: FunctionalOptimizer, loss_sum: torch.Tensor,
-               batches: ClientBatches, term_tensors) -> None:
+               batches: ClientBatches, term_tensors, augment_kinds: list[str]) -> None:
     """Every local step: the active clients' batches, losses and gradients, then the update."""
-    features, labels, groups = batches.features, batches.labels, batches.groups
+    labels, groups = batches.labels, batches.groups
     for t, a in enumerate(batches.active):
         rows, valid = batches.index[:a, t], batches.mask[:a, t]
         weights = valid / valid.sum(dim=1, keepdim=True)
         current = {k: v[:a] for k, v in params.items()}
         tensors = [{attr: {k: v[:a] for k, v in by_name.items()} for attr, by_name in term.items()}
                    for term in term_tensors]
-        grads, loss = step_fn(current, features[rows], labels[rows], weights,
+        features = _batch_features(batches, rows, t, augment_kinds)
+        grads, loss = step_fn(current, features, labels[rows], weights,
                               None if groups is None else groups[rows], tensors)
         loss_sum[:a] += loss.detach()
         optimizer.step(params, grads, a)
@@ -276,6 +290,6 @@ def train_vectorized(model: nn.Module, start: Params, data: list[LocalData], see
     optimizer = FunctionalOptimizer(settings, lr)
     loss_sum = torch.zeros(count, device=device)
     with _templates_restored(ordered_terms[0]):
-        _run_steps(step_fn, params, optimizer, loss_sum, batches, term_tensors)
+        _run_steps(step_fn, params, optimizer, loss_sum, batches, term_tensors, settings.augment)
     return batches.results(lambda slot: {k: v[slot] for k, v in params.items()}, loss_sum,
                            time.perf_counter() - started)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsim.errors import ConfigError
-from fedsim.plugins import absolute_file_plugins
+from fedsim.plugins import LIBRARY_SOURCES, absolute_file_plugins
 
 DATA_DIR_ENV = "FEDSIM_DATA_DIR"
 
@@ -89,6 +89,26 @@ class SyntheticSection(Section):
     eval_clients: int = Field(1000, ge=1, description="clients whose test splits form the test set")
 
 
+class HFSection(Section):
+    """Sources read with Hugging Face `datasets` (`hf:`, `imagefolder:`, `csv:`, `parquet:`):
+    which splits and columns to use."""
+
+    subset: str | None = Field(None, description="the hub dataset's configuration name")
+    split: str = "train"
+    test_split: str = Field("test", description="the central test set when the source has it "
+                            "(else a data.test_fraction split of `split`)")
+    label_column: str = "label"
+    image_column: str | None = Field(None, description="default: the first image column (none: a table)")
+    client_column: str | None = Field(None, description="each row's natural client, for "
+                                      "data.partition.kind = 'natural'")
+    feature_columns: list[str] | None = Field(None, description="tables: the feature columns "
+                                              "(default: all but label and client)")
+    image_size: list[int] | None = Field(None, min_length=2, max_length=2,
+                                         description="resize images to [height, width]")
+    image_mode: Literal["auto", "L", "RGB"] = Field("auto", description="grey (L) or colour "
+                                                    "(RGB); auto: as the first image")
+
+
 class DataSection(Section):
     dataset: str = "digits"
     num_clients: int = Field(20, ge=1)
@@ -104,11 +124,23 @@ class DataSection(Section):
     features: FeatureSection = Field(default_factory=FeatureSection)
     warmup: WarmupSection = Field(default_factory=WarmupSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    hf: HFSection = Field(default_factory=HFSection)
+    memory_map: bool = Field(True, description="decode large datasets once into the cache and "
+                             "memory-map them, so processes share one copy")
 
     @model_validator(mode="after")
     def _root_from_environment(self) -> DataSection:
         if self.root is None and os.environ.get(DATA_DIR_ENV):
             self.root = Path(os.environ[DATA_DIR_ENV])
+        return self
+
+    @model_validator(mode="after")
+    def _absolute_source_path(self) -> DataSection:
+        """A source given as a relative path means the same in every process."""
+        kind, _, where = self.dataset.partition(":")
+        if self.dataset.startswith(LIBRARY_SOURCES) and where and (
+                kind != "hf" or Path(where).exists()) and not Path(where).is_absolute():
+            self.dataset = f"{kind}:{Path(where).resolve()}"
         return self
 
 
@@ -137,6 +169,9 @@ class ClientSection(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    augment: list[Literal["crop", "flip"]] = Field(
+        default_factory=list, description="train-time image augmentation on the worker's device: "
+        "'crop' (pad 4, random crop), 'flip' (random horizontal flip)")
     objectives: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra local terms for any strategy, e.g. {parity = {mu = 1.0}}")
 

@@ -21,9 +21,13 @@ APP = "@app/"  # a file inside the app bundle, wherever this process's copy of i
 APP_ROOT = Path(__file__).resolve().parents[1]  # the app bundle (or source tree) holding fedsim/
 
 
+LIBRARY_SOURCES = ("hf:", "imagefolder:", "csv:", "parquet:")  # data read with `datasets`
+BUILT_IN_PREFIXES = ("flwr:", *LIBRARY_SOURCES)
+
+
 def is_plugin(name: str) -> bool:
     """Whether a name is an import string rather than a built-in name."""
-    return ":" in name and not name.startswith("flwr:")
+    return ":" in name and not name.startswith(BUILT_IN_PREFIXES)
 
 
 def is_process_local(name: str) -> bool:
@@ -127,12 +131,18 @@ def _rewrite_file_plugins(raw: dict[str, Any], rewrite: Callable[[Path], str | N
 
 
 def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make `file.py:Name` plugin paths in a raw spec absolute, relative to the spec's folder, so
-    they mean the same in every worker process."""
+    """Make `file.py:Name` plugin paths and the paths of data sources (`csv:data.csv`) in a raw
+    spec absolute, relative to the spec's folder, so they mean the same in every worker process."""
 
     def absolute(path: Path) -> str | None:
         return None if path.is_absolute() else str((base / path).resolve())
 
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+        kind, _, where = data["dataset"].partition(":")
+        if (data["dataset"].startswith(LIBRARY_SOURCES) and (new := absolute(Path(where))) is not None
+                and (kind != "hf" or Path(new).exists())):  # hf: also takes hub names
+            data["dataset"] = f"{kind}:{new}"
     return _rewrite_file_plugins(raw, absolute)
 
 

@@ -127,6 +127,10 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
         raise ConfigError("engine.gpus_per_worker > 0 but no CUDA GPU is visible here; "
                           "set engine.gpus_per_worker = 0 or run on a machine with a GPU")
     federation = build_federation(config.data, config.experiment.seed)
+    if config.client.augment and len(federation.input_shape) != 3:
+        raise ConfigError(f"client.augment = {config.client.augment} needs images (channels, height, "
+                          f"width), but {config.data.dataset}'s inputs have shape "
+                          f"{tuple(federation.input_shape)}; remove client.augment")
     dataset = getattr(federation, "dataset", None)
     check_groups(config, dataset is not None and dataset.sensitive_train is not None)
     evaluator = CentralEvaluator.build(config, federation)

@@ -1,6 +1,10 @@
 """Test setup: quiet Flower/Ray, the shared offline datasets, and a private download cache."""
 
+import io
 import os
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,33 @@ def make_method():
         return build_method(config, run)
 
     return make
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A file server on 127.0.0.1 that honours Range requests for resumed downloads."""
+
+    class RangeHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_head(self):
+            rng = self.headers.get("Range")
+            path = self.translate_path(self.path)
+            if not rng:
+                return super().send_head()
+            start = int(rng.split("=")[1].split("-")[0])
+            data = open(path, "rb").read()
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            return io.BytesIO(data[start:])
+
+    served = tmp_path / "served"
+    served.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()

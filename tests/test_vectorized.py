@@ -312,3 +312,17 @@ def test_methods_with_hooks_train_in_lockstep_as_one_by_one(tmp_path, strategy):
     shared = [c for c in alone if c not in ("train_seconds",) and pd.api.types.is_numeric_dtype(alone[c])]
     assert np.allclose(together[shared], alone[shared], atol=2e-5, equal_nan=True)
     assert all(np.allclose(model[k], alone_model[k], atol=2e-5) for k in model)
+
+
+def test_vectorized_training_augments_exactly_as_one_by_one():
+    settings = ClientSection(batch_size=8, local_epochs=2, lr=0.05, momentum=0.9, augment=["crop", "flip"])
+    model = build_model(ModelSection(name="cnn"), (1, 12, 12), 3, 0)
+    data = clients((1, 12, 12), [13, 20, 7])
+    seeds, steps = [11, 12, 13], [None, 3, None]
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    reference = one_by_one(model, data, settings, seeds, steps, [[], [], []])
+    vectorized = train_vectorized(model, start, data, seeds, steps, settings, settings.lr, [[], [], []])
+    assert_close(vectorized, reference)
+    plain = one_by_one(model, data, settings.model_copy(update={"augment": []}), seeds, steps, [[], [], []])
+    first = next(iter(reference[0][0]))
+    assert not torch.allclose(plain[0][0][first], reference[0][0][first])

@@ -10,7 +10,8 @@ import numpy as np
 @dataclass(frozen=True)
 class ArrayDataset:
     """A dataset held as arrays: float32 inputs, int64 labels, a predefined train/test split,
-    and optionally a sensitive attribute's group index per row (for fairness)."""
+    optionally a sensitive attribute's group index per row (for fairness) and each training row's
+    natural client."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -21,6 +22,7 @@ class ArrayDataset:
     sensitive_test: np.ndarray | None = None
     sensitive_name: str = ""
     sensitive_groups: tuple[str, ...] = ()
+    clients_train: np.ndarray | None = None  # the natural client of each training row, when known
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Fetching dataset files: look in local folders first, else download with resume and SHA-256."""
+"""Fetching dataset files: look in local folders first, else download with resume and a checksum."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, default))
 
 
-def sha256_of(path: Path, decompress: bool = False) -> str:
-    """SHA-256 of a file's bytes, or of its gzip-decompressed content."""
-    digest = hashlib.sha256()
+def checksum_of(path: Path, decompress: bool = False, algorithm: str = "sha256") -> str:
+    """The hex digest (SHA-256, or `algorithm`) of a file's bytes, or of its gzip-decompressed
+    content."""
+    digest = hashlib.new(algorithm)
     opener = gzip.open if decompress else open
     with opener(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
@@ -53,28 +54,36 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
     return dest
 
 
+def matches(path: Path, checksum: str, decompressed: bool) -> bool:
+    """Whether a file has `checksum`: a SHA-256 hex digest, or `algorithm:hexdigest` (e.g. the
+    MD5 sums a dataset's home publishes, `md5:...`)."""
+    algorithm, _, expected = checksum.rpartition(":")
+    return checksum_of(path, decompressed, algorithm or "sha256") == expected
+
+
 def verified_file(
     dataset: str,
     name: str,
-    sha256: str,
+    checksum: str,
     folders: Iterable[Path],
     url: str,
     decompressed: bool = False,
 ) -> Path:
     """A verified copy of `dataset`'s file `name`: the first one in `folders`, else downloaded.
 
-    `sha256` is the checksum of the file, or of its decompressed content when `decompressed`.
+    `checksum` (see `matches`) is that of the file, or of its decompressed content when
+    `decompressed`.
     A download that fails verification is deleted and reported; local files are never modified.
     """
     searched = [Path(folder) for folder in folders]
     for folder in searched:
         candidate = folder / name
         if candidate.is_file():
-            if sha256_of(candidate, decompressed) != sha256:
-                raise DataError(f"{candidate} does not match its SHA-256 checksum; replace it")
+            if not matches(candidate, checksum, decompressed):
+                raise DataError(f"{candidate} does not match its checksum; replace it")
             return candidate
     target = cache_dir() / dataset / name
-    if not (target.is_file() and sha256_of(target, decompressed) == sha256):
+    if not (target.is_file() and matches(target, checksum, decompressed)):
         try:
             download(url, target)
         except DataError as exc:
@@ -83,7 +92,7 @@ def verified_file(
                 f"{exc}. Offline? Put '{name}' into one of: {places} "
                 "(set data.root or FEDSIM_DATA_DIR to the folder holding the dataset's subfolder)"
             ) from None
-        if sha256_of(target, decompressed) != sha256:
+        if not matches(target, checksum, decompressed):
             target.unlink()
-            raise DataError(f"downloaded {url} does not match its SHA-256 checksum; deleted it")
+            raise DataError(f"downloaded {url} does not match its checksum; deleted it")
     return target

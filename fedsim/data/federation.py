@@ -91,9 +91,11 @@ def stratified_subset(dataset: ArrayDataset, size: int, seed: int) -> ArrayDatas
     """About `size` training examples drawn per class in proportion (the test set is kept)."""
     _, kept = stratified_split_indices(dataset.y_train, size / len(dataset.y_train),
                                        np.random.default_rng([seed, 0x5B5E7]))
-    sensitive = dataset.sensitive_train[kept] if dataset.sensitive_train is not None else None
+    def rows(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[kept]
+
     return replace(dataset, x_train=dataset.x_train[kept], y_train=dataset.y_train[kept],
-                   sensitive_train=sensitive)
+                   sensitive_train=rows(dataset.sensitive_train), clients_train=rows(dataset.clients_train))
 
 
 def _build(spec: DataSection, seed: int) -> Federation:
@@ -111,7 +113,7 @@ def _build(spec: DataSection, seed: int) -> Federation:
     if spec.train_subset is not None and spec.train_subset < len(dataset.y_train):
         dataset = stratified_subset(dataset, spec.train_subset, seed)
     parts = partition_labels(dataset.y_train, spec.num_clients, spec.partition, seed,
-                             groups=dataset.sensitive_train)
+                             groups=dataset.sensitive_train, clients=dataset.clients_train)
     rng = np.random.default_rng([seed, 0x7E57])
     train_idx, test_idx = [], []
     for part in parts:

@@ -14,6 +14,7 @@ from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
     InnerDirichletPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
     ShardPartitioner,
@@ -24,10 +25,13 @@ from fedsim.config import SENSITIVE_KINDS, PartitionSection
 from fedsim.errors import DataError
 
 
-def label_table(labels: np.ndarray, groups: np.ndarray | None = None) -> Dataset:
-    """The table the partitioners split: label, sensitive group (or 0) and position."""
+def label_table(labels: np.ndarray, groups: np.ndarray | None = None,
+                clients: np.ndarray | None = None) -> Dataset:
+    """The table the partitioners split: label, sensitive group (or 0), natural client (or 0) and
+    position."""
     columns = {"label": labels.tolist(), "idx": np.arange(len(labels)).tolist()}
-    columns["group"] = (groups if groups is not None else np.zeros(len(labels), np.int64)).tolist()
+    for name, values in (("group", groups), ("client", clients)):
+        columns[name] = (values if values is not None else np.zeros(len(labels), np.int64)).tolist()
     return Dataset.from_dict(columns)
 
 
@@ -137,14 +141,26 @@ def make_partitioner(spec: PartitionSection, num_clients: int, seed: int, labels
             raise DataError(f"data.partition.kind = '{spec.kind}' needs at least 2 clients")
         return HalvesPartitioner(num_clients, _halves_probability(spec, labels, groups), seed)
     raise DataError(f"data.partition.kind = '{spec.kind}' needs a dataset with natural clients "
-                    "(e.g. 'synthetic'); use another kind here")
+                    "('synthetic', or a source with data.hf.client_column); use another kind here")
+
+
+def natural_partitioner(table: Dataset, num_clients: int) -> Partitioner:
+    """flwr-datasets' natural-id partitioner over `table`; its partition k is natural client k
+    (it numbers the sorted ids, which are 0, 1, ... here)."""
+    partitioner = NaturalIdPartitioner(partition_by="client")
+    partitioner.dataset = table
+    if num_clients > partitioner.num_partitions:
+        raise DataError(f"the data have {partitioner.num_partitions} natural clients, fewer than "
+                        f"data.num_clients = {num_clients}; lower it")
+    return partitioner
 
 
 def partition_labels(labels: np.ndarray, num_clients: int, spec: PartitionSection, seed: int,
-                     groups: np.ndarray | None = None) -> list[np.ndarray]:
+                     groups: np.ndarray | None = None, clients: np.ndarray | None = None) -> list[np.ndarray]:
     """Split positions 0..len(labels)-1 over `num_clients` clients; returns sorted index arrays.
 
-    `groups` holds each example's sensitive group (needed by the sensitive-attribute kinds).
+    `groups` holds each example's sensitive group (needed by the sensitive-attribute kinds),
+    `clients` its natural client (kind `natural`: the first `num_clients` of them, in id order).
     Examples dropped by the long tail (or by shards' unequal remainder) belong to no client.
     """
     if spec.kind in SENSITIVE_KINDS and groups is None:
@@ -153,14 +169,18 @@ def partition_labels(labels: np.ndarray, num_clients: int, spec: PartitionSectio
     kept = long_tail(labels, spec.imbalance, np.random.default_rng([seed, 0x7A11]))
     labels = labels[kept]
     groups = groups[kept] if groups is not None else None
+    clients = clients[kept] if clients is not None else None
     if num_clients > len(labels) // spec.min_size:
         raise DataError(f"cannot give {num_clients} clients at least {spec.min_size} examples each "
                         f"from {len(labels)} examples; lower data.num_clients or data.partition.min_size")
-    table = label_table(labels, groups)
+    table = label_table(labels, groups, clients)
     if spec.kind == "iid":
         table = table.shuffle(seed=seed)
-    partitioner = make_partitioner(spec, num_clients, seed, labels, groups)
-    partitioner.dataset = table
+    if spec.kind == "natural" and clients is not None:
+        partitioner = natural_partitioner(table, num_clients)
+    else:
+        partitioner = make_partitioner(spec, num_clients, seed, labels, groups)
+        partitioner.dataset = table
     try:
         parts = [np.sort(kept[np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)])
                  for i in range(num_clients)]

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import SENSITIVE_KINDS, DataSection
-from fedsim.data import fashion_mnist, tabular
+from fedsim.data import cifar, fashion_mnist, hf, tabular
+from fedsim.data.arraycache import cache_key, memory_mapped
 from fedsim.data.arrays import ArrayDataset, split_train_test
 from fedsim.errors import ConfigError
 from fedsim.plugins import is_plugin, load_object
@@ -43,12 +44,25 @@ def load_german(root: Path | None, test_fraction: float, seed: int, sensitive: s
     return tabular.load_german(root, test_fraction, seed, sensitive)
 
 
+def load_cifar10(root: Path | None, test_fraction: float, seed: int, sensitive: str | None) -> ArrayDataset:
+    """CIFAR-10 with its own 50k/10k split."""
+    return cifar.load("cifar10", root)
+
+
+def load_cifar100(root: Path | None, test_fraction: float, seed: int, sensitive: str | None) -> ArrayDataset:
+    """CIFAR-100 (fine labels) with its own 50k/10k split."""
+    return cifar.load("cifar100", root)
+
+
 SOURCES: dict[str, Callable[[Path | None, float, int, str | None], ArrayDataset]] = {
     "adult": load_adult,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
     "digits": load_digits,
     "fashion-mnist": load_fashion_mnist,
     "german": load_german,
 }
+MAPPED = ("cifar10", "cifar100", "fashion-mnist")  # large enough to share one copy between processes
 NATURAL_SOURCES = ("synthetic",)
 
 
@@ -59,18 +73,24 @@ def dataset_names() -> list[str]:
 def check_dataset_name(name: str) -> None:
     """Raise a ConfigError naming the known datasets when `name` is not one of them (nor a
     user's dataset function that imports)."""
+    if hf.is_library_source(name):
+        return
     if is_plugin(name):
         if not callable(load_object(name, "data.dataset")):
             raise ConfigError(f"data.dataset = '{name}' is not callable")
         return
     if name not in SOURCES and name not in NATURAL_SOURCES:
         raise ConfigError(f"unknown dataset '{name}' in data.dataset; known: {', '.join(dataset_names())}, "
+                          "'hf:<name or folder>', 'imagefolder:<folder>', 'csv:<file>', 'parquet:<file>', "
                           "or 'package.module:function' / 'file.py:function' for your own")
 
 
 def has_sensitive_attribute(spec: DataSection) -> bool:
     """Whether the run's examples carry sensitive groups (adult and german always do, `sex` by
-    default; a user's dataset is assumed to)."""
+    default; a source read with `datasets` when `data.sensitive` names its group column; a user's
+    dataset is assumed to)."""
+    if hf.is_library_source(spec.dataset):
+        return spec.sensitive is not None
     return is_plugin(spec.dataset) or spec.dataset in tabular.SENSITIVE
 
 
@@ -112,6 +132,11 @@ def check_sensitive(spec: DataSection) -> None:
     the dataset."""
     if is_plugin(spec.dataset):
         return
+    if hf.is_library_source(spec.dataset):
+        if spec.partition.kind in SENSITIVE_KINDS and spec.sensitive is None:
+            raise ConfigError(f"data.partition.kind = '{spec.partition.kind}' needs sensitive groups: "
+                              f"set data.sensitive to the group column of {spec.dataset}")
+        return
     if spec.partition.kind in SENSITIVE_KINDS and spec.dataset not in tabular.SENSITIVE:
         raise ConfigError(f"data.partition.kind = '{spec.partition.kind}' needs a dataset with a "
                           f"sensitive attribute ({', '.join(tabular.SENSITIVE)}), not {spec.dataset}")
@@ -123,10 +148,27 @@ def check_sensitive(spec: DataSection) -> None:
     tabular.sensitive_rule(spec.dataset, spec.sensitive)
 
 
+def library_dataset(spec: DataSection, seed: int) -> ArrayDataset:
+    """A source read with `datasets`, decoded once into the array cache."""
+    splits = hf.open_splits(spec.dataset, spec.hf)
+    if not spec.memory_map:
+        return hf.load(spec.dataset, spec, seed, splits)
+    return memory_mapped(hf.array_key(spec.dataset, spec, seed, splits),
+                         lambda: hf.load(spec.dataset, spec, seed, splits))
+
+
 @lru_cache(maxsize=4)
-def _load(name: str, root: Path | None, test_fraction: float, seed: int,
-          sensitive: str | None) -> ArrayDataset:
-    return SOURCES[name](root, test_fraction, seed, sensitive)
+def _load(spec_json: str, seed: int) -> ArrayDataset:
+    spec = DataSection.model_validate_json(spec_json)
+    if hf.is_library_source(spec.dataset):
+        return library_dataset(spec, seed)
+
+    def build() -> ArrayDataset:
+        return SOURCES[spec.dataset](spec.root, spec.test_fraction, seed, spec.sensitive)
+
+    if spec.memory_map and spec.dataset in MAPPED:  # their files are fixed by checksums
+        return memory_mapped(cache_key(source=spec.dataset), build)
+    return build()
 
 
 def load_source(spec: DataSection, seed: int) -> ArrayDataset:
@@ -135,4 +177,5 @@ def load_source(spec: DataSection, seed: int) -> ArrayDataset:
     check_sensitive(spec)
     if is_plugin(spec.dataset):
         return user_dataset(spec.dataset, spec, seed)
-    return _load(spec.dataset, spec.root, spec.test_fraction, seed, spec.sensitive)
+    fields = {"dataset", "root", "test_fraction", "sensitive", "hf", "memory_map"}
+    return _load(spec.model_dump_json(include=fields), seed)
