@@ -24,12 +24,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
+from memory import PeakMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {
@@ -48,34 +47,6 @@ WORKLOADS["mlp-prox"] = [*WORKLOADS["cnn"][:5], "model.name=mlp", "model.hidden=
 WORKLOADS["tiny-capped"] = [*WORKLOADS["tiny"], "data.synthetic.max_client_size=60"]
 COMMON = ["client.local_epochs=1", "evaluation.client_fraction=0", "engine.workers=2",
           "output.save_model=false"]
-
-
-def tree_rss_bytes(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants."""
-    total = 0
-    try:
-        root = psutil.Process(root_pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for proc in family:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total
-
-
-class PeakMemory(threading.Thread):
-    """Samples the process tree's RSS every 0.2 s and keeps the maximum."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.done = 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.2):
-            self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
 
 
 def load(overrides: list[str]):
@@ -159,7 +130,7 @@ def child(mode: str, overrides: list[str]) -> None:
     else:
         times = flower_run(config)
     memory.done.set()
-    memory.peak = max(memory.peak, tree_rss_bytes(os.getpid()))
+    memory.sample()
     later = times[1:] if len(times) > 1 else times
     print(json.dumps({"median": float(np.median(later)), "first": times[0], "peak_mb": memory.peak / 2**20}))
 

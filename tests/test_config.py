@@ -51,7 +51,8 @@ def test_bad_keys_and_values_name_the_key(override, expected):
 @pytest.mark.parametrize("override, expected", [
     ("strategy.name=fedx", "unknown strategy 'fedx' in strategy.name; known: fairfed, fedadam, fedavg"),
     ("data.dataset=mnist",
-     "unknown dataset 'mnist' in data.dataset; known: adult, cifar10, cifar100, digits, fashion-mnist, german, synthetic"),
+     "unknown dataset 'mnist' in data.dataset; known: adult, cifar10, cifar100, digits, "
+     "fashion-mnist, german, synthetic"),
     ("model.name=vit", "unknown model 'vit' in model.name"),
     ("strategy.mu=0.1", "unknown key 'strategy.mu' for strategy 'fedavg'"),
 ])

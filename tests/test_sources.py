@@ -4,9 +4,11 @@ its home archive, and the memory-mapped array cache."""
 import hashlib
 import io
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,8 @@ from fedsim.data.arrays import ArrayDataset
 from fedsim.data.federation import build_federation
 from fedsim.data.sources import load_source
 from fedsim.errors import DataError
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +157,29 @@ def test_hf_parquet_folder_goes_through_federated_dataset_and_trains(tmp_path):
     np.testing.assert_array_equal(data.y_train, raw["train"][1])
 
 
+def test_image_sources_go_through_every_feature_skew(tmp_path):
+    saved, _ = image_dataset_dict()
+    saved.save_to_disk(tmp_path / "saved")
+    for kind in ("rotation", "noise", "invert", "blur", "mixed", "shift"):
+        config = load_config(None, [f"data.dataset=hf:{tmp_path / 'saved'}", "data.num_clients=4",
+                                    f"data.features.kind={kind}", "data.features.domains=2"])
+        fed = build_federation(config.data, seed=0)
+        raw = load_source(config.data, 0).x_train
+        for client, changed in ((0, False), (1, True)):  # domain 0 is untouched, domain 1 the strongest
+            rows = fed.train_idx[client]
+            same = np.allclose(fed.client_data(client).x_train, raw[rows], atol=1e-6)
+            assert same != changed, (kind, client)
+
+
+def test_an_unreachable_hub_dataset_says_what_to_do_offline(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="Couldn't reach 'nobody/nothing'.*Offline\\? Use a dataset in the "
+                                        "Hugging Face cache"):
+        load_source(load_config(None, ["data.dataset=hf:nobody/nothing"]).data, 0)
+
+
 def test_image_folder_with_a_folder_per_class(tmp_path):
     pixels, labels = grey_images(90, 3, size=10)
     names = ["cat", "dog", "owl"]
@@ -167,6 +194,17 @@ def test_image_folder_with_a_folder_per_class(tmp_path):
     assert len(data.y_train) + len(data.y_test) == 90
     counts = np.bincount(np.concatenate([data.y_train, data.y_test]), minlength=3)
     np.testing.assert_array_equal(counts, np.bincount(labels, minlength=3))
+
+
+def test_the_readme_table_example_builds_its_federation(tmp_path):
+    block = re.search(r"```toml\n(\[data\][^`]*hospital's export.*?)```", README, re.S).group(1)
+    (tmp_path / "spec.toml").write_text(block)
+    frame = hospital_table(1200).rename(columns={"outcome": "readmitted"})
+    frame["site"] = [f"site-{i % 12}" for i in range(len(frame))]
+    (tmp_path / "exports").mkdir()
+    frame.to_csv(tmp_path / "exports" / "readmissions.csv", index=False)
+    fed = build_federation(load_config(tmp_path / "spec.toml").data, seed=0)
+    assert fed.num_clients == 12 and fed.dataset.sensitive_groups == ("f", "m")
 
 
 def test_relative_source_paths_are_relative_to_the_spec(tmp_path):
