@@ -142,3 +142,15 @@ def test_report_of_a_run_without_a_central_test_set(tmp_path):
     table = pd.read_csv(build_report([run.run_dir], tmp_path / "r.html").with_suffix(".csv"))
     assert table["rounds to target mean"].isna().all()
     assert table["client acc. mean mean"].notna().all()
+
+
+def test_summary_numbers_are_formatted_for_reading():
+    from fedsim.report.tables import heading, mean_std_text
+
+    assert mean_std_text("final accuracy", 0.60751, 0.00512) == "60.8 &plusmn; 0.5"
+    assert heading("final accuracy") == "final accuracy (%)" and heading("MB exchanged") == "MB exchanged"
+    assert mean_std_text("MB exchanged", 5.72, 0.0) == "5.72 &plusmn; 0.00"
+    assert mean_std_text("rounds to target", 2.0, 0.0) == "2.0 &plusmn; 0.0"
+    assert mean_std_text("wall seconds", 123.4, 5.67) == "123 &plusmn; 6"
+    assert mean_std_text("wall seconds", 0.01234, float("nan")) == "0.012"
+    assert mean_std_text("final accuracy", float("nan"), 0.1) == "-"

@@ -40,6 +40,7 @@ def run_metrics(run: RunRecord, target: float) -> dict[str, float]:
 
 
 LOWER_IS_BETTER = {"rounds to target", "client acc. std", "MB exchanged", "wall seconds"}
+PERCENT = {"final accuracy", "best accuracy", "client acc. mean", "client acc. std", "client acc. worst 10%"}
 
 
 def summary_table(runs: list[RunRecord], target: float) -> pd.DataFrame:
@@ -53,15 +54,31 @@ def summary_table(runs: list[RunRecord], target: float) -> pd.DataFrame:
     return table.reset_index()
 
 
-def _cell(mean: float, std: float) -> str:
+def decimals_for(metric: str, mean: float) -> int:
+    """Decimals shown for a metric's mean and its std alike: one for percentages and rounds,
+    else about three significant digits (at most three decimals)."""
+    if metric in PERCENT or metric == "rounds to target" or mean == 0:
+        return 1
+    return int(min(3, max(0, 2 - np.floor(np.log10(abs(mean))))))
+
+
+def mean_std_text(metric: str, mean: float, std: float) -> str:
+    """`mean ± std` for reading: accuracies in percent, the std with the mean's precision."""
     if np.isnan(mean):
         return "-"
-    return f"{mean:.4g}" + ("" if np.isnan(std) else f" &plusmn; {std:.2g}")
+    scale = 100.0 if metric in PERCENT else 1.0
+    decimals = decimals_for(metric, mean)
+    text = f"{mean * scale:.{decimals}f}"
+    return text if np.isnan(std) else f"{text} &plusmn; {std * scale:.{decimals}f}"
+
+
+def heading(metric: str) -> str:
+    return f"{metric} (%)" if metric in PERCENT else metric
 
 
 def table_html(table: pd.DataFrame) -> str:
     metrics = [c[:-5] for c in table.columns if c.endswith(" mean")]
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["level", "variant", *metrics, "seeds"])
+    head = "".join(f"<th>{html.escape(heading(m))}</th>" for m in ["level", "variant", *metrics, "seeds"])
     body = []
     for level, block in table.groupby("level", sort=False):
         best = {}
@@ -72,7 +89,7 @@ def table_html(table: pd.DataFrame) -> str:
         for _, row in block.iterrows():
             cells = [f"<td>{html.escape(str(level))}</td>", f"<td>{html.escape(row['variant'])}</td>"]
             for m in metrics:
-                text = _cell(row[f"{m} mean"], row[f"{m} std"])
+                text = mean_std_text(m, row[f"{m} mean"], row[f"{m} std"])
                 marked = m in best and row[f"{m} mean"] == best[m] and len(block) > 1
                 cells.append(f"<td class='best'>{text}</td>" if marked else f"<td>{text}</td>")
             cells.append(f"<td>{int(row['seeds'])}</td>")
