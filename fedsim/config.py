@@ -127,6 +127,9 @@ class DataSection(Section):
     hf: HFSection = Field(default_factory=HFSection)
     memory_map: bool = Field(True, description="decode large datasets once into the cache and "
                              "memory-map them, so processes share one copy")
+    holdout: float = Field(0.0, ge=0, lt=1, description="share of the training set kept out of "
+                           "the federation for central pretraining (`fedsim pretrain`); the same "
+                           "rows for every experiment seed where the dataset has its own test split")
 
     @model_validator(mode="after")
     def _root_from_environment(self) -> DataSection:
@@ -152,6 +155,8 @@ class ModelSection(Section):
 
     name: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [128])
+    init: Path | None = Field(None, description="start from these weights: a state dict saved by "
+                              "`fedsim pretrain` (.pt) or a .npz of named arrays")
 
 
 # Local training recipes of papers; a preset fills the client keys the spec leaves unset.

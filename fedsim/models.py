@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -123,4 +125,29 @@ def build_model(spec: ModelSection, input_shape: tuple[int, ...], num_classes: i
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name = '{spec.name}' returned {type(model).__name__}, not a "
                           "torch.nn.Module")
+    if getattr(spec, "init", None) is not None:
+        load_initial_weights(model, Path(spec.init))
     return model
+
+
+def load_initial_weights(model: nn.Module, path: Path) -> None:
+    """Load `model.init`: a state dict (torch.save'd, e.g. by `fedsim pretrain`) or an .npz of
+    named arrays, which must match the model's names and shapes exactly."""
+    if not path.is_file():
+        raise ConfigError(f"model.init = {path}: no such file (make one with `fedsim pretrain`)")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as arrays:
+                state = {k: torch.as_tensor(arrays[k]) for k in arrays.files}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"model.init = {path} is not a state dict: {type(exc).__name__}: {exc}") from None
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or wrong:
+        raise ConfigError(f"model.init = {path} does not fit the model ({type(model).__name__}): "
+                          f"missing {missing[:5]}, unexpected {extra[:5]}, other shapes {wrong[:5]}; "
+                          "pretrain with the same [model] and data")
+    model.load_state_dict(state)

@@ -87,15 +87,31 @@ class NaturalFederation:
 Federation = IndexedFederation | NaturalFederation
 
 
+def training_rows(dataset: ArrayDataset, rows: np.ndarray) -> ArrayDataset:
+    """The dataset with only these training rows (and their groups and clients); same test set."""
+
+    def take(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[rows]
+
+    return replace(dataset, x_train=dataset.x_train[rows], y_train=dataset.y_train[rows],
+                   sensitive_train=take(dataset.sensitive_train), clients_train=take(dataset.clients_train))
+
+
 def stratified_subset(dataset: ArrayDataset, size: int, seed: int) -> ArrayDataset:
     """About `size` training examples drawn per class in proportion (the test set is kept)."""
     _, kept = stratified_split_indices(dataset.y_train, size / len(dataset.y_train),
                                        np.random.default_rng([seed, 0x5B5E7]))
-    def rows(array: np.ndarray | None) -> np.ndarray | None:
-        return None if array is None else array[kept]
+    return training_rows(dataset, kept)
 
-    return replace(dataset, x_train=dataset.x_train[kept], y_train=dataset.y_train[kept],
-                   sensitive_train=rows(dataset.sensitive_train), clients_train=rows(dataset.clients_train))
+
+HOLDOUT_STREAM = 0x401D  # the held-out rows depend on the data only, not on the experiment seed
+
+
+def holdout_split(dataset: ArrayDataset, fraction: float) -> tuple[ArrayDataset, ArrayDataset]:
+    """(the federation's part, the held-out part) of the training set: a stratified `fraction`
+    held out, the same rows whatever the experiment seed; both keep the test set."""
+    kept, held = stratified_split_indices(dataset.y_train, fraction, np.random.default_rng(HOLDOUT_STREAM))
+    return training_rows(dataset, kept), training_rows(dataset, held)
 
 
 def _build(spec: DataSection, seed: int) -> Federation:
@@ -110,6 +126,8 @@ def _build(spec: DataSection, seed: int) -> Federation:
     from fedsim.data.partition import partition_labels  # flwr-datasets is slow to import; only
     #                                                     building a federation needs it
     dataset = load_source(spec, seed)
+    if spec.holdout > 0:
+        dataset = holdout_split(dataset, spec.holdout)[0]
     if spec.train_subset is not None and spec.train_subset < len(dataset.y_train):
         dataset = stratified_subset(dataset, spec.train_subset, seed)
     parts = partition_labels(dataset.y_train, spec.num_clients, spec.partition, seed,
