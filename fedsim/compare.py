@@ -16,6 +16,7 @@ mean and std over seeds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -31,6 +32,7 @@ from fedsim.config import ExperimentConfig, apply_overrides, read_toml, set_key,
 from fedsim.errors import ConfigError
 from fedsim.registry import check_config
 from fedsim.results import SUMMARY_FILE
+from fedsim.tracking import check_installed, comparison_run
 
 SEED_KEY = "experiment.seed"
 
@@ -92,6 +94,7 @@ def load_comparison(path: Path, overrides: list[str] = ()) -> tuple[Path, list[C
             try:
                 config = validate_config(cell_raw)
                 check_config(config)
+                check_installed(config.output)
             except ConfigError as exc:
                 raise ConfigError(f"cell {label}: {exc}") from None
             cells.append(Cell(label, variant, values, config))
@@ -122,27 +125,29 @@ def summarize_cells(cells: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
 
 def run_comparison(folder: Path, cells: list[Cell],
                    run_cell: Callable[[Cell], None], announce: Callable[[Cell, str], None]) -> pd.DataFrame:
-    """Run every unfinished cell via `run_cell`; write `cells.csv` and `summary.csv` as it goes."""
+    """Run every unfinished cell via `run_cell`; write `cells.csv` and `summary.csv` as it goes.
+    With output.mlflow set, the cells' MLflow runs nest under one parent run of the comparison."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     grid_keys = list(cells[0].values) if cells else []
-    for cell in cells:
-        if cell.finished:
-            announce(cell, "skipped (finished earlier)")
-            rows.append(cell_row(cell, "done"))
-        else:
-            announce(cell, "running")
-            try:
-                run_cell(cell)
+    with comparison_run(folder, cells[0].config) if cells else contextlib.nullcontext():
+        for cell in cells:
+            if cell.finished:
+                announce(cell, "skipped (finished earlier)")
                 rows.append(cell_row(cell, "done"))
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # a failed cell is recorded; the grid goes on
-                (cell.run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
-                (cell.run_dir / "error.txt").write_text(traceback.format_exc())
-                rows.append(cell_row(cell, "failed", f"{type(exc).__name__}: {exc}"))
-                announce(cell, f"failed: {exc}")
-        table = pd.DataFrame(rows)
-        table.to_csv(folder / "cells.csv", index=False)
-        summarize_cells(table, grid_keys).to_csv(folder / "summary.csv", index=False)
+            else:
+                announce(cell, "running")
+                try:
+                    run_cell(cell)
+                    rows.append(cell_row(cell, "done"))
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # a failed cell is recorded; the grid goes on
+                    (cell.run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                    (cell.run_dir / "error.txt").write_text(traceback.format_exc())
+                    rows.append(cell_row(cell, "failed", f"{type(exc).__name__}: {exc}"))
+                    announce(cell, f"failed: {exc}")
+            table = pd.DataFrame(rows)
+            table.to_csv(folder / "cells.csv", index=False)
+            summarize_cells(table, grid_keys).to_csv(folder / "summary.csv", index=False)
     return pd.DataFrame(rows)

@@ -270,6 +270,9 @@ class OutputSection(Section):
                                          "(0: none; default: every 10th round, and after every "
                                          "round that took more than 2 s)")
     checkpoint_keep: int = Field(1, ge=1, description="checkpoints kept on disk (the newest)")
+    mlflow: bool | str = Field(False, description="track the run in MLflow: true for a SQLite store "
+                               "in output.dir (mlflow.db, no server), or a tracking URI")
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run dir>/tensorboard")
 
 
 class DeploymentSection(Section):

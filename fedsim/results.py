@@ -8,6 +8,7 @@ written before it). When the run stops, the tables are written once as `rounds.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,6 +21,7 @@ import pandas as pd
 
 from fedsim.config import ExperimentConfig
 from fedsim.errors import FedsimError
+from fedsim.tracking import open_trackers
 
 SUMMARY_FILE = "summary.json"  # written last: its presence marks a finished run
 
@@ -102,12 +104,13 @@ def write_summary(run_dir: Path, rounds: pd.DataFrame, seconds: float) -> None:
 
 
 class RunWriter:
-    """Writes one run's results as they come in."""
+    """Writes one run's results as they come in, and tells the trackers `[output]` enables."""
 
     def __init__(self, run_dir: Path, config: ExperimentConfig, resume_after: int | None = None) -> None:
         """A new run (its journals start empty), or with `resume_after` = r a run continued from
         its checkpoint of round r (rows of later rounds are dropped: they will be run again)."""
         self.run_dir = Path(run_dir)
+        self.trackers = open_trackers(config, self.run_dir, self.log)  # before anything is written
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_after is None:
@@ -121,6 +124,7 @@ class RunWriter:
             raise FedsimError(f"cannot write the run directory {self.run_dir}: {exc.strerror or exc}; "
                               "choose a writable place with --set output.dir=... (or output.run_dir)"
                               ) from None
+        self.trackers.start(config, resume_after)
 
     def _journal(self, name: str) -> Path:
         return self.run_dir / f"{name}.jsonl"
@@ -134,6 +138,7 @@ class RunWriter:
         except OSError as exc:
             raise FedsimError(f"cannot record round {row['round']} in {self.run_dir}: "
                               f"{exc.strerror or exc}; the rounds before it are kept") from None
+        self.trackers.add_round(row, client_rows)
 
     def write_tables(self, finished: bool) -> None:
         """The journals as parquet tables (atomically); a finished run drops its journals."""
@@ -143,6 +148,13 @@ class RunWriter:
                                 lambda tmp, t=table: t.to_parquet(tmp, index=False))
             if finished:
                 self._journal(name).unlink()
+
+    def stop(self, interrupted: bool) -> None:
+        """A run that stopped before its end (failed, or interrupted): its tables as far as it
+        got, and its trackers told."""
+        with contextlib.suppress(OSError):  # e.g. a full disk: the journals hold every round
+            self.write_tables(finished=False)
+        self.trackers.stop("interrupted" if interrupted else "failed")
 
     def save_federation(self, counts: np.ndarray, title: str = "") -> None:
         """The data split: per-client label counts, heterogeneity statistics, a heatmap."""
@@ -166,6 +178,7 @@ class RunWriter:
         rounds = read_table(self.run_dir, "rounds")
         write_summary(self.run_dir, rounds, seconds)
         self.log(f"done in {seconds:.1f} s")
+        self.trackers.stop("finished")
         return rounds
 
     def log(self, line: str) -> None:

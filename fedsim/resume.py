@@ -14,7 +14,8 @@ from fedsim.errors import ConfigError
 from fedsim.results import SUMMARY_FILE
 
 # Keys that say where and how often results are written, not what the run computes.
-FREE_KEYS = {"output.dir", "output.run_dir", "output.checkpoint_every", "output.checkpoint_keep"}
+FREE_KEYS = {"output.dir", "output.run_dir", "output.checkpoint_every", "output.checkpoint_keep",
+             "output.mlflow", "output.tensorboard"}
 ABSENT = "(not set)"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import sys
@@ -30,6 +29,7 @@ from fedsim.method import RunInfo
 from fedsim.registry import build_add_ons, build_method, check_config, check_groups
 from fedsim.results import RunWriter, default_run_dir
 from fedsim.resume import resumable_checkpoint
+from fedsim.tracking import check_installed
 from fedsim.warmup import with_warmup_encoder
 
 
@@ -88,9 +88,8 @@ def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes:
 
     try:
         start(strategy, loop)
-    except BaseException:
-        with contextlib.suppress(OSError):  # e.g. a full disk: the journals hold every round
-            writer.write_tables(finished=False)
+    except BaseException as exc:
+        writer.stop(interrupted=isinstance(exc, KeyboardInterrupt))
         raise
     seconds = time.perf_counter() - started
     rounds = writer.finish(seconds)
@@ -117,6 +116,7 @@ def run_experiment(config: ExperimentConfig, progress: ProgressCallback | None =
     With `resume`, a run directory (output.run_dir) that holds a checkpoint of the same experiment
     continues from it (a different experiment is refused, naming the keys that differ)."""
     check_config(config)
+    check_installed(config.output)
     if warning := oversubscription(config, os.cpu_count() or 1):
         print(f"warning: {warning}", file=sys.stderr)
     if config.data.embedding == "warmup":

@@ -53,7 +53,8 @@ def warmup_config(config: ExperimentConfig) -> ExperimentConfig:
     key = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
     raw["engine"] = config.engine.model_dump(mode="json")
     raw["output"] = {**config.output.model_dump(mode="json"), "save_model": True,
-                     "run_dir": str(config.output.dir / "warmups" / key)}
+                     "run_dir": str(config.output.dir / "warmups" / key),
+                     "mlflow": False, "tensorboard": False}  # a step of the run, not a run to track
     return ExperimentConfig.model_validate(raw)
 
 
