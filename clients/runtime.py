@@ -385,8 +385,20 @@ def run_setup(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     return encode_result(result)
 
 
+def fairness_counts(res: Resident, data: LocalData, split: str) -> dict[str, float]:
+    """Confusion counts per sensitive group of the global model on the client's training data
+    or local test split (none when the data have no groups)."""
+    x, y, z = (data.x_train, data.y_train, data.z_train) if split == "train" else (
+        data.x_test, data.y_test, data.z_test)
+    if z is None:
+        return {}
+    return counts_to_metrics(group_confusion(y.cpu().numpy(), predict(res.model, x).cpu().numpy(),
+                                             z.cpu().numpy(), res.num_groups, res.num_classes))
+
+
 def run_evaluate(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
-    """Evaluate the global model on each listed client's local test split."""
+    """Evaluate the global model on each listed client's local test split (and count its
+    predictions per sensitive group where `evaluation.fairness_data` says)."""
     task = decode_task(content)
     config = validate_config(task.experiment)
     res = host.resident(config, task)
@@ -398,10 +410,7 @@ def run_evaluate(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
             metrics = evaluate(res.model, data.x_test, data.y_test)
             reply = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"],
                      "num_test_examples": metrics["num_examples"]}
-            if data.z_test is not None:  # confusion counts per sensitive group, for fairness
-                reply.update(counts_to_metrics(group_confusion(
-                    data.y_test.cpu().numpy(), predict(res.model, data.x_test).cpu().numpy(),
-                    data.z_test.cpu().numpy(), res.num_groups, res.num_classes)))
+            reply.update(fairness_counts(res, data, config.evaluation.fairness_data))
         except Exception as exc:
             result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
             continue

@@ -207,12 +207,19 @@ class GgeurSection(Section):
 
     enabled: bool = False
     target: int | None = Field(None, ge=1, description="examples per class after top-up "
-                               "(default: the class's global count / number of clients)")
+                               "(default: from target_rule)")
+    target_rule: Literal["global", "share"] = Field(
+        "global", description="default target: the class's global count (as the reference code), "
+        "or 'share': the global count / number of clients")
     scaling: Literal["sqrt", "lambda"] = "sqrt"
     min_count: int = Field(1, ge=1, description="a client does not report classes it holds fewer of")
     noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the reported sums")
     prototypes: bool = Field(False, description="share class means and sample around other "
                              "clients' (the multi-domain variant)")
+    prototype_draws: Literal["domain", "center"] = Field(
+        "domain", description="with prototypes: as many draws around each other client's class "
+        "mean as around the client's own examples together (as the reference code), or 'center': "
+        "each mean counts as one more example")
 
 
 class StrategySection(BaseModel):
@@ -239,6 +246,9 @@ class EvaluationSection(Section):
     decomposition: bool = Field(False, description="loss decomposition (local, shift, aggregation) "
                                 "at every central evaluation")
     decomposition_clients: int = Field(10, ge=1, description="clients it uses at most (m^2 evaluations)")
+    fairness_data: Literal["train", "test"] = Field(
+        "train", description="where clients count predictions per sensitive group for the fairness "
+        "metrics and PID: their training data (as the PID paper's code) or local test splits")
 
 
 class EngineSection(Section):

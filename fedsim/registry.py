@@ -17,7 +17,7 @@ from fedsim.errors import ConfigError
 from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
 from fedsim.models import check_model
 from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
-from fedsim.terms import ParityPenalty, Proximal
+from fedsim.terms import ParityConstraint, ParityPenalty, Proximal
 from strategies.fairfed import FairFed
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
@@ -36,7 +36,8 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold, FedLD, FairFed,
                             QFFL, FedNova, Moon)
 }
-LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (MarginControl, ParityPenalty, Proximal)}
+LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (
+    MarginControl, ParityConstraint, ParityPenalty, Proximal)}
 ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur}  # each switched on by `[<name>] enabled`
 
 

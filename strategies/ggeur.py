@@ -5,8 +5,10 @@ Setup phase: every client sends, per class, only the count, the sum and the sum 
 products of its embeddings; the server pools them into each class's global mean and covariance
 (exactly those of the pooled data) and shares the covariance's eigendecomposition, the class's
 "geometric shape", with every training message.
-Client: each class is topped up by sampling around the client's own examples (and, with
-`prototypes`, other clients' class means) with the shape the server sent:
+Client: each class is topped up, by default to the class's global count as in the reference
+code, by sampling around the client's own examples (and, with `prototypes`, other clients' class
+means, each drawn around as often as the client's own examples together, as in the reference's
+multi-domain code) with the shape the server sent:
 
     x_new = x + sum_m eps_m * sqrt(lambda_m) * xi_m,    eps_m ~ N(0, 1)
 
@@ -56,38 +58,52 @@ def sample_around(centers: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np
     return centers + noise @ eigenvectors.T
 
 
+def draws_around(centers: np.ndarray, count: int, values: np.ndarray, vectors: np.ndarray,
+                 rng: np.random.Generator, scaling: Scaling) -> np.ndarray:
+    """`count` draws around `centers`: the same number around each (several when they are few),
+    then a random subset of `count`."""
+    repeats = math.ceil(count / len(centers))
+    drawn = sample_around(np.repeat(centers, repeats, axis=0), values, vectors, rng, scaling)
+    return drawn[rng.choice(len(drawn), count, replace=False)]
+
+
 def augment(x: np.ndarray, y: np.ndarray, shapes: dict[int, tuple[np.ndarray, np.ndarray]],
             target: int | np.ndarray, rng: np.random.Generator, scaling: Scaling = "sqrt",
-            prototypes: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            prototypes: dict[int, np.ndarray] | None = None,
+            prototype_draws: str = "domain") -> tuple[np.ndarray, np.ndarray]:
     """Top every class with a shape up to `target` examples (one count, or one per class); the
     originals are always kept.
 
-    New examples are drawn around the client's own examples of the class (several around each
-    when it has few, then a random subset) and, when `prototypes` gives other domains' class
-    means, around those too. A class the client lacks entirely is generated around the
+    New examples are drawn around the client's own examples of the class and, when `prototypes`
+    gives other clients' (domains') class means, around those too: with `prototype_draws =
+    "domain"` (the reference code) the client's own examples together and each prototype are one
+    group each and every group gets the same number of draws, so with 3 other domains about three
+    quarters of the new examples come from them; with "center" each prototype is one more centre
+    beside the client's examples. A class the client lacks entirely is generated around the
     prototypes only, or skipped without them.
     """
     parts_x, parts_y = [x], [y]
     for label, (values, vectors) in shapes.items():
         own = x[y == label]
         missing = int(target if np.isscalar(target) else target[label]) - len(own)
-        if missing <= 0:
+        others = prototypes.get(label, x[:0]) if prototypes else x[:0]
+        if missing <= 0 or len(own) + len(others) == 0:
             continue
-        centers = own
-        if prototypes and label in prototypes:
-            centers = np.vstack([own, prototypes[label]]) if len(own) else prototypes[label]
-        if len(centers) == 0:
-            continue
-        repeats = math.ceil(missing / len(centers))
-        drawn = sample_around(np.repeat(centers, repeats, axis=0), values, vectors, rng, scaling)
-        keep = rng.choice(len(drawn), missing, replace=False)
-        parts_x.append(drawn[keep].astype(x.dtype))
+        if prototype_draws == "domain" and len(others):
+            groups = ([own] if len(own) else []) + [others[i:i + 1] for i in range(len(others))]
+            per_group = math.ceil(missing / len(groups))
+            pool = np.vstack([draws_around(g, per_group, values, vectors, rng, scaling) for g in groups])
+            drawn = pool[rng.choice(len(pool), missing, replace=False)]
+        else:
+            drawn = draws_around(np.vstack([own, others]), missing, values, vectors, rng, scaling)
+        parts_x.append(drawn.astype(x.dtype))
         parts_y.append(np.full(missing, label, dtype=y.dtype))
     return np.concatenate(parts_x), np.concatenate(parts_y)
 
 
 def augmented_training_set(x: np.ndarray, y: np.ndarray, client_id: int, shared: dict[str, np.ndarray],
-                           rng: np.random.Generator, scaling: Scaling) -> tuple[np.ndarray, np.ndarray]:
+                           rng: np.random.Generator, scaling: Scaling,
+                           prototype_draws: str = "domain") -> tuple[np.ndarray, np.ndarray]:
     """A client's training set topped up with the shapes the server sent."""
     values, vectors = shared["values"], shared["vectors"]
     shapes = {c: (values[c], vectors[c]) for c in range(len(values)) if values[c].any()}
@@ -97,7 +113,7 @@ def augmented_training_set(x: np.ndarray, y: np.ndarray, client_id: int, shared:
         others[client_id] = False
         prototypes = {c: shared["prototypes"][others[:, c], c] for c in shapes if others[:, c].any()}
     flat = x.reshape(len(x), -1)
-    new_x, new_y = augment(flat, y, shapes, shared["target"], rng, scaling, prototypes)
+    new_x, new_y = augment(flat, y, shapes, shared["target"], rng, scaling, prototypes, prototype_draws)
     return new_x.reshape((len(new_x), *x.shape[1:])), new_y
 
 
@@ -135,10 +151,14 @@ def geometric_shape(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shapes_from_statistics(per_client: dict[int, dict[str, np.ndarray]], num_clients: int,
-                           target: int | None, with_prototypes: bool) -> dict[str, np.ndarray]:
+                           target: int | None, with_prototypes: bool,
+                           target_rule: str = "global") -> dict[str, np.ndarray]:
     """Pool the clients' reported statistics into what every client is sent: per class the
-    eigenvalues (C, d) and eigenvectors (C, d, d) of the global covariance and the target count,
-    and optionally every client's class means with a mask of the classes it reported."""
+    eigenvalues (C, d) and eigenvectors (C, d, d) of the global covariance and the target count
+    (`target`, else the class's global count as in the reference code, `Single Domian/
+    cov_matrix_generate_features.py` L93-101 of WeiDai-David/2025CVPR_GGEUR at 02624d5, or with
+    `target_rule = "share"` that count / number of clients), and optionally every client's class
+    means with a mask of the classes it reported."""
     counts = sum(s["counts"] for s in per_client.values())
     sums = sum(s["sums"] for s in per_client.values())
     outers = sum(s["outers"] for s in per_client.values())
@@ -146,7 +166,10 @@ def shapes_from_statistics(per_client: dict[int, dict[str, np.ndarray]], num_cli
     values, vectors = np.zeros((num_classes, dim)), np.zeros((num_classes, dim, dim))
     for c in np.flatnonzero(counts > 0):
         values[c], vectors[c] = geometric_shape(pool_sums(counts[c], sums[c], outers[c])[1])
-    targets = np.full(num_classes, float(target)) if target else np.ceil(counts / num_clients)
+    if target:
+        targets = np.full(num_classes, float(target))
+    else:
+        targets = counts if target_rule == "global" else np.ceil(counts / num_clients)
     shared = {"values": values.astype(np.float32), "vectors": vectors.astype(np.float32),
               "target": targets}  # float32 halves what every training message carries
     if with_prototypes:
@@ -184,8 +207,9 @@ class Ggeur(AddOn):
         return {"counts": counts, "sums": sums, "outers": outers}
 
     def server_setup(self, reports: dict[int, Arrays]) -> dict[str, Any]:
-        self.state = shapes_from_statistics(reports, self.run.num_clients, self.params.target,
-                                            self.params.prototypes)
+        p = self.params
+        self.state = shapes_from_statistics(reports, self.run.num_clients, p.target, p.prototypes,
+                                            p.target_rule)
         return {"clients": len(reports),
                 "shapes_bytes_per_message": sum(a.nbytes for a in self.state.values())}
 
@@ -200,11 +224,12 @@ class Ggeur(AddOn):
         shared = {k: v.cpu().numpy() for k, v in ctx.broadcast.items()}
         fingerprint = hashlib.sha1(b"".join(np.ascontiguousarray(shared[k]).tobytes()
                                             for k in sorted(shared)))
-        key = ("ggeur", ctx.client_id, fingerprint.hexdigest(), self.params.scaling)
+        p = self.params
+        key = ("ggeur", ctx.client_id, fingerprint.hexdigest(), p.scaling, p.prototype_draws)
         if key not in ctx.cache:
             rng = np.random.default_rng(derive_seed(ctx.seed, ctx.client_id, GGEUR_STREAM))
             x, y = augmented_training_set(data.x_train.cpu().numpy(), data.y_train.cpu().numpy(),
-                                          ctx.client_id, shared, rng, self.params.scaling)
+                                          ctx.client_id, shared, rng, p.scaling, p.prototype_draws)
             device = data.x_train.device
             ctx.cache[key] = LocalData(torch.as_tensor(x, device=device), torch.as_tensor(y, device=device),
                                        data.x_test, data.y_test, None, data.z_test)

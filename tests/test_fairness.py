@@ -20,7 +20,7 @@ from fedsim.fairness.groups import (
 from fedsim.fairness.pid import mutual_information, pid_decomposition
 from fedsim.method import Batch, ClientResult, RoundResult
 from fedsim.runner import run_experiment
-from fedsim.terms import ParityPenalty
+from fedsim.terms import ParityConstraint, ParityPenalty
 
 
 def joint_of(cells: list[tuple[int, int, int]], shape=(2, 2, 2)) -> np.ndarray:
@@ -225,6 +225,26 @@ def test_parity_penalty_by_hand_and_its_gradient():
     assert parity.penalty(None, Batch(None, logits, None, torch.ones(4, dtype=torch.long))) == 0
 
 
+def test_the_reference_parity_constraint_is_fairtorchs_loss_by_hand():
+    # fairtorch: mu = (m_0, m_1, m), M = [[1, 0, -1], [-1, 0, 1]] twice, loss = alpha * sum relu(M mu)^2
+    logits = torch.tensor([[0.0, 2.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.0]], requires_grad=True)
+    groups = torch.tensor([1, 1, 0, 0, 0])
+    for squash in (False, True):
+        p = torch.softmax(logits.detach(), dim=1)[:, 1]
+        p = torch.sigmoid(p) if squash else p
+        mu = torch.stack([p[groups == 0].mean(), p[groups == 1].mean(), p.mean()])
+        matrix = torch.tensor([[1.0, 0, -1], [-1, 0, 1], [1, 0, -1], [-1, 0, 1]])
+        fairtorch = 100.0 * (torch.relu(matrix @ mu) ** 2).sum()
+        term = ParityConstraint(ParityConstraint.Params(squash=squash), None)
+        value = term.penalty(None, Batch(None, logits, None, groups))
+        assert value.item() == pytest.approx(2.0 * fairtorch.item(), rel=1e-6)  # weight 2
+        share1 = 2 / 5  # the closed form: 2 alpha pi_1^2 (m_0 - m_1)^2, times the weight
+        assert value.item() == pytest.approx(2 * 2 * 100 * share1**2 * (mu[0] - mu[1]).item() ** 2, rel=1e-5)
+    value.backward()
+    assert logits.grad.abs().sum() > 0
+    assert term.penalty(None, Batch(None, logits, None, torch.zeros(5, dtype=torch.long))) == 0
+
+
 def test_roc_region_caps_accuracy_at_the_classifiers_best_operating_point():
     # one client, Z independent of Y: the best operating point on the ROC hull gives the bound
     p_zy = np.array([[0.3, 0.2], [0.3, 0.2]])
@@ -250,3 +270,40 @@ def test_aglfop_solution_respects_its_constraints(budgets):
     local = sum(block.sum() * mutual_information(block) for block in q_szyhat if block.sum() > 0)
     assert local <= eps_local + 1e-5  # I(Z; Yhat | S)
     assert accuracy == pytest.approx(sum(q[:, :, y, y].sum() for y in range(2)), abs=1e-6)
+
+
+def test_pid_counts_the_clients_training_data_weighted_by_their_share(tmp_path, data_dir):
+    """Two German-credit clients: the run's PID terms equal a decomposition computed here from
+    the final model's predictions on each client's training rows (the PID paper's code), and
+    differ from the one on the local test splits."""
+    from fedsim.data.federation import build_federation
+    from fedsim.fairness.pid import conditional_mutual_information
+    from fedsim.models import build_model
+
+    overrides = ["data.dataset=german", "data.partition.kind=heterogeneity", "data.num_clients=2",
+                 "strategy.clients_per_round=2", "model.name=logreg", "experiment.rounds=2",
+                 "engine.backend=inprocess", f"output.run_dir='{tmp_path}'"]
+    config = load_config(None, overrides)
+    last = run_experiment(config).rounds.iloc[-1]
+    fed = build_federation(config.data, 0)
+    model = build_model(config.model, fed.input_shape, fed.num_classes, 0)
+    with np.load(tmp_path / "model.npz") as trained:
+        model.load_state_dict({k: torch.as_tensor(trained[k]) for k in trained.files})
+
+    def joint(split: str) -> np.ndarray:  # counts n(s, z, yhat)
+        counts = np.zeros((2, 2, 2))
+        for s in range(2):
+            data = fed.client_data(s)
+            x, z = (data.x_train, data.z_train) if split == "train" else (data.x_test, data.z_test)
+            yhat = model(torch.as_tensor(x)).argmax(1).numpy()
+            np.add.at(counts, (s, z, yhat), 1)
+        return counts
+
+    train = joint("train")
+    p = train / train.sum()  # p(s) is each client's share of the training rows
+    p_zy = p.sum(axis=0)
+    by_hand = float(np.nansum(p_zy * np.log2(p_zy / np.outer(p_zy.sum(1), p_zy.sum(0)))))
+    assert last["pid_global_disparity"] == pytest.approx(by_hand, abs=1e-9)
+    assert last["pid_local_disparity"] == pytest.approx(conditional_mutual_information(p), abs=1e-9)
+    assert last["pid_unique"] == pytest.approx(pid_decomposition(train)["unique"], abs=1e-6)
+    assert abs(pid_decomposition(joint("test"))["global_disparity"] - by_hand) > 1e-6

@@ -23,6 +23,7 @@ from strategies.ggeur import (
     pool_class_statistics,
     pool_sums,
     sample_around,
+    shapes_from_statistics,
 )
 
 
@@ -87,6 +88,43 @@ def test_augment_tops_every_class_up_and_keeps_the_originals():
     with_protos_x, with_protos_y = augment(x, y, shapes, 20, rng, prototypes=prototypes)
     assert np.bincount(with_protos_y).tolist() == [20, 20, 20]
     assert np.abs(with_protos_x[with_protos_y == 2].mean(axis=0) - 5.0).max() < 0.5
+
+
+def test_prototype_draws_share_equally_between_the_own_examples_and_each_other_domain():
+    # the reference's multi-domain top-up draws as many samples around each other domain's
+    # prototype as around the client's own examples together (Digits: 500 + 3 x 500)
+    rng = np.random.default_rng(4)
+    own = np.zeros((40, 2), np.float32)  # tiny covariance: every draw stays at its centre
+    centres = np.array([[10.0, 0.0], [0.0, 10.0], [-10.0, 0.0]])
+    shapes = {0: geometric_shape(np.eye(2) * 1e-6)}
+    shares = {}
+    for rule in ("domain", "center"):
+        new_x, _ = augment(own, np.zeros(40, np.int64), shapes, 2040, rng, prototypes={0: centres},
+                           prototype_draws=rule)
+        drawn = new_x[40:]
+        shares[rule] = float((np.linalg.norm(drawn, axis=1) > 5).mean())  # around another domain
+    assert abs(shares["domain"] - 3 / 4) < 0.03
+    assert abs(shares["center"] - 3 / 43) < 0.03  # each prototype one more centre among 43
+
+
+def test_a_run_with_ggeur_tops_every_class_up_to_its_global_count(tmp_path):
+    overrides = ["data.embedding=identity", "model.name=logreg", "data.num_clients=4",
+                 "strategy.clients_per_round=4", "data.partition.alpha=0.5", "data.partition.min_size=5",
+                 "experiment.rounds=1", "engine.backend=inprocess", "ggeur.enabled=true",
+                 f"output.run_dir='{tmp_path}'"]
+    run_experiment(load_config(None, overrides))
+    clients = pd.read_parquet(tmp_path / "clients.parquet")
+    fed = build_federation(load_config(None, overrides).data, 0)
+    global_counts = np.bincount(np.concatenate([fed.dataset.y_train[i] for i in fed.train_idx]), minlength=10)
+    for cid, size in clients[clients["round"] == 1].set_index("client_id")["num_examples"].items():
+        held = np.bincount(fed.dataset.y_train[fed.train_idx[cid]], minlength=10) > 0
+        assert size == global_counts[held].sum()  # each class it holds, at the global count
+    labels = np.array([0] * 5 + [1] * 9)
+    counts, sums, outers = class_statistics(np.random.default_rng(0).normal(size=(14, 3)), labels, 2)
+    report = {0: {"counts": counts, "sums": sums, "outers": outers}}
+    for rule, expected in (("global", [5, 9]), ("share", [2, 3])):  # share: ceil(count / 4 clients)
+        shared = shapes_from_statistics(report, 4, None, False, target_rule=rule)
+        np.testing.assert_array_equal(shared["target"], expected)
 
 
 def test_a_run_with_ggeur_tops_up_clients_and_records_the_statistics_cost(tmp_path):

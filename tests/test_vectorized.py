@@ -17,7 +17,7 @@ from fedsim.config import ClientSection, ModelSection
 from fedsim.data.tensors import LocalData
 from fedsim.method import ClientContext, LossTerm, NoParams, TrainPlan
 from fedsim.models import build_model
-from fedsim.terms import ParityPenalty, Proximal
+from fedsim.terms import ParityConstraint, ParityPenalty, Proximal
 from strategies.fedld import MarginControl
 from strategies.scaffold import ControlCorrection
 
@@ -165,13 +165,15 @@ def test_frozen_parameters_and_clients_without_data():
     assert_close(got, one_by_one(mlp, data, settings, [1, 2, 3], [None] * 3, [[], [], []]))
 
 
-def test_the_parity_penalty_vectorizes_on_groups_and_padded_batches():
+@pytest.mark.parametrize("term, params", [(ParityPenalty, {"mu": 2.0}),
+                                          (ParityConstraint, {"alpha": 10.0, "squash": True})])
+def test_the_parity_terms_vectorize_on_groups_and_padded_batches(term, params):
     settings = ClientSection(batch_size=4, local_epochs=2, lr=0.1)
     model = build_model(ModelSection(name="mlp", hidden=[8]), SHAPES["mlp"], 3, 2)
     data = clients(SHAPES["mlp"], [7, 10, 5], seed=4, groups=True)
     data[2].z_train[:] = 1  # one client holds a single group: its penalty is 0 in every batch
     start = {k: v.detach() for k, v in model.named_parameters()}
-    terms = [[ParityPenalty(ParityPenalty.Params(mu=2.0), context(model, cid))] for cid in range(3)]
+    terms = [[term(term.Params(**params), context(model, cid))] for cid in range(3)]
     got = train_vectorized(model, start, data, [5, 6, 7], [None] * 3, settings, settings.lr, terms)
     assert_close(got, one_by_one(model, data, settings, [5, 6, 7], [None] * 3, terms))
 

@@ -26,6 +26,7 @@ from fedsim.report.plots import (
     levels_of,
     variants_of,
 )
+from fedsim.report.published import load_published, with_published
 from fedsim.report.runs import RunRecord, collect_runs
 from fedsim.report.tables import summary_table, table_html
 
@@ -81,12 +82,15 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
     if target is None:  # 90% of the best final accuracy of any run (none: no central test set)
         finals = np.array([r.summary["final_accuracy"] for r in runs], dtype=float)
         target = round(0.9 * float(np.nanmax(finals)), 3) if np.isfinite(finals).any() else np.nan
-    table = summary_table(runs, target)
+    published = load_published(paths)
+    table = with_published(summary_table(runs, target), published)
     table.to_csv(out.with_suffix(".csv"), index=False)
+    sources = "".join(f" Published ({html.escape(p.metric)}): {html.escape(p.source)}; the gap is "
+                      "(measured - published) in seed-to-seed standard deviations." for p in published)
     sections = [
         f"<h2>Summary</h2><p>Mean &plusmn; std over seeds; best per level in bold. Target accuracy "
         f"for <i>rounds to target</i>: {target:.3f}. Client accuracies are the local test splits in "
-        f"the last round with client evaluation.</p>{table_html(table)}",
+        f"the last round with client evaluation.{sources}</p>{table_html(table)}",
         "<h2>Test accuracy and loss per round</h2><p>Lines: mean over seeds; bands: min to max.</p>"
         f"<figure>{curves_svg(runs, [('test_accuracy', 'test accuracy'), ('test_loss', 'test loss')])}"
         "</figure>"]
@@ -102,8 +106,10 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
                         "aggregation loss, on the clients' training data, at each evaluation round.</p>"
                         f"<figure>{curves_svg(runs, DECOMPOSITION)}</figure>")
     if any("pid_global_disparity" in r.rounds for r in runs):
+        where = sorted({r.config.get("evaluation", {}).get("fairness_data", "test") for r in runs})
+        counted = " and ".join({"train": "training data", "test": "test splits"}[w] for w in where)
         sections.append("<h2>Group fairness</h2><p>Statistical-parity gaps |P(yhat=1|z=1) - "
-                        "P(yhat=1|z=0)| over all clients' test splits (global) and within clients "
+                        f"P(yhat=1|z=0)| over all clients' {counted} (global) and within clients "
                         "(size-weighted mean), and the partial information decomposition of the "
                         "disparity: global = unique + redundant, local = unique + masked. Plug-in "
                         "mutual information is biased upward on small counts.</p>"
@@ -111,7 +117,7 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
         frontier = frontier_svg(runs)
         if frontier:
             sections.append("<h3>Accuracy / fairness frontier (AGLFOP)</h3><p>Lines: the best "
-                            "accuracy any predictor can reach on the clients' test data under a "
+                            f"accuracy any predictor can reach on the clients' {counted} under a "
                             "global and a local disparity budget (no model constraint, so it reaches "
                             "1 without budgets). Points: each run's final (global disparity, client "
                             f"accuracy).</p><figure>{frontier}</figure>")
