@@ -8,6 +8,7 @@
     [compare.variants.fedprox]               # named variants (a strategy with its parameters)
     "strategy.name" = "fedprox"
     "strategy.mu" = 0.01
+    [compare.published]                      # optional: numbers a paper reports (see report.published)
 
 Cells already finished in the output folder are skipped, so an interrupted comparison resumes;
 a failed cell is recorded and the others go on. `cells.csv` lists every cell, `summary.csv` the
@@ -31,6 +32,7 @@ import pandas as pd
 from fedsim.config import ExperimentConfig, apply_overrides, read_toml, set_key, validate_config
 from fedsim.errors import ConfigError
 from fedsim.registry import check_config
+from fedsim.report.published import parse_published, save_published
 from fedsim.results import SUMMARY_FILE
 from fedsim.tracking import check_installed, comparison_run
 
@@ -71,9 +73,9 @@ def load_comparison(path: Path, overrides: list[str] = ()) -> tuple[Path, list[C
     spec = raw.pop("compare", None)
     if not isinstance(spec, dict):
         raise ConfigError(f"{path} has no [compare] section; `fedsim run` runs a single experiment")
-    unknown = sorted(set(spec) - {"name", "grid", "variants"})
+    unknown = sorted(set(spec) - {"name", "grid", "variants", "published"})
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in [compare]; allowed: name, grid, variants")
+        raise ConfigError(f"unknown key(s) {unknown} in [compare]; allowed: name, grid, variants, published")
     base = apply_overrides(raw, list(overrides))
     grid: dict[str, list[Any]] = spec.get("grid", {})
     for key, values in grid.items():
@@ -98,6 +100,9 @@ def load_comparison(path: Path, overrides: list[str] = ()) -> tuple[Path, list[C
             except ConfigError as exc:
                 raise ConfigError(f"cell {label}: {exc}") from None
             cells.append(Cell(label, variant, values, config))
+    if "published" in spec:  # the report's variant names: the variants', else the strategy's
+        names = [v for v in variants if v] or [cells[0].config.strategy.name]
+        save_published(folder, parse_published(spec["published"], names))
     return folder, cells
 
 

@@ -121,3 +121,40 @@ def test_an_interrupted_comparison_restarted_runs_only_the_missing_cells(tmp_pat
     assert ran[3:] == [c.name for c in cells[3:]]  # only the five missing cells ran again
     assert first == [c.name for c in cells[:3]]
     assert (pd.read_csv(folder / "cells.csv")["status"] == "done").all()
+
+
+PUBLISHED = """
+[compare.published]
+source = "A paper, Table 1"
+[[compare.published.values]]
+variant = "fedprox"
+level = "alpha=0.1"
+value = 0.5
+[[compare.published.values]]
+variant = "fedavg"
+value = 0.4
+"""
+
+
+def test_published_numbers_stand_beside_the_measured_with_their_gap_in_seed_stds(tmp_path):
+    from fedsim.report import build_report
+
+    folder, cells = load_comparison(write_spec(tmp_path, SPEC + PUBLISHED))
+    run_comparison(folder, cells, run_cell, lambda cell, status: None)
+    build_report([folder], tmp_path / "report.html")
+    table = pd.read_csv(tmp_path / "report.csv").set_index(["level", "variant"])
+    assert table.loc[("alpha=0.1", "fedprox"), "published final accuracy"] == 0.5
+    assert pd.isna(table.loc[("alpha=1.0", "fedprox"), "published final accuracy"])
+    assert (table.xs("fedavg", level="variant")["published final accuracy"] == 0.4).all()
+    row = table.loc[("alpha=0.1", "fedprox")]
+    expected = (row["final accuracy mean"] - 0.5) / row["final accuracy std"]
+    assert row["final accuracy gap (stds)"] == pytest.approx(expected)
+    page = (tmp_path / "report.html").read_text()
+    assert "A paper, Table 1" in page and "published final accuracy (%)" in page and "50.0" in page
+
+
+def test_published_numbers_are_checked_before_any_cell_runs(tmp_path):
+    with pytest.raises(ConfigError, match="variant\\(s\\) \\['fedyogi'\\] the comparison does not have"):
+        load_comparison(write_spec(tmp_path, SPEC + PUBLISHED.replace('"fedavg"', '"fedyogi"')))
+    with pytest.raises(ConfigError, match="compare.published.*not a summary column"):
+        load_comparison(write_spec(tmp_path, SPEC + PUBLISHED.replace('source', 'metric = "acc"\nsource')))

@@ -76,9 +76,23 @@ def heading(metric: str) -> str:
     return f"{metric} (%)" if metric in PERCENT else metric
 
 
+def extra_text(column: str, value: float) -> str:
+    """A published value (in its metric's units) or a gap in seed-to-seed stds."""
+    if np.isnan(value):
+        return "-"
+    if column.endswith(" gap (stds)"):
+        return f"{value:+.1f}"
+    metric = column.removeprefix("published ")
+    return f"{value * (100.0 if metric in PERCENT else 1.0):.{decimals_for(metric, value)}f}"
+
+
 def table_html(table: pd.DataFrame) -> str:
     metrics = [c[:-5] for c in table.columns if c.endswith(" mean")]
-    head = "".join(f"<th>{html.escape(heading(m))}</th>" for m in ["level", "variant", *metrics, "seeds"])
+    known = {"level", "variant", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std"))}
+    extras = [c for c in table.columns if c not in known]  # published values and gaps
+    names = [heading(m) for m in ["level", "variant", *metrics]] + [
+        f"{c} (%)" if c.removeprefix("published ") in PERCENT else c for c in extras] + ["seeds"]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = []
     for level, block in table.groupby("level", sort=False):
         best = {}
@@ -92,6 +106,7 @@ def table_html(table: pd.DataFrame) -> str:
                 text = mean_std_text(m, row[f"{m} mean"], row[f"{m} std"])
                 marked = m in best and row[f"{m} mean"] == best[m] and len(block) > 1
                 cells.append(f"<td class='best'>{text}</td>" if marked else f"<td>{text}</td>")
+            cells += [f"<td>{extra_text(c, row[c])}</td>" for c in extras]
             cells.append(f"<td>{int(row['seeds'])}</td>")
             body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
