@@ -96,9 +96,9 @@ class Started:
     process: subprocess.Popen
     log: Path
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Terminate it, its process group and every descendant (Flower's SuperExec starts the
-        ServerApp and ClientApps in groups of their own); kill what is left after `grace` s."""
+    def terminate(self) -> list[psutil.Process]:
+        """Ask it, its process group and every descendant (Flower's SuperExec starts the
+        ServerApp and ClientApps in groups of their own) to stop; returns them, to wait for."""
         try:
             leader = psutil.Process(self.process.pid)
             family = [leader, *leader.children(recursive=True)]
@@ -108,11 +108,11 @@ class Started:
         for member in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.terminate()
-        _, alive = psutil.wait_procs(family, timeout=grace)
-        for member in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
-        self._signal_group(signal.SIGKILL)  # whatever else is left in its group
+        return family
+
+    def kill_group(self) -> None:
+        """Kill whatever is left in its group and reap it."""
+        self._signal_group(signal.SIGKILL)
         self.process.wait()
 
     def _signal_group(self, sig: int) -> None:
@@ -239,10 +239,18 @@ class LocalDeployment:
         progress()
         return run
 
-    def stop(self) -> None:
-        """Stop every process started here, the newest first."""
-        for started in reversed(self.processes):
-            started.stop()
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process started here: all are asked at once (the newest first), then
+        whatever has not exited after `grace` seconds is killed, so stopping takes one grace
+        period however many nodes there are."""
+        started = list(reversed(self.processes))
+        family = [member for process in started for member in process.terminate()]
+        _, alive = psutil.wait_procs(family, timeout=grace)
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        for process in started:
+            process.kill_group()
 
 
 def read_rounds(run_dir: Path) -> pd.DataFrame | None:
