@@ -139,15 +139,22 @@ def error_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
+def fairness_counts(res: Resident, data: LocalData, split: str, prefix: str = "") -> dict[str, float]:
+    """Confusion counts per sensitive group of the resident model on the client's training data
+    or local test split (none when the data have no groups)."""
+    x, y, z = (data.x_train, data.y_train, data.z_train) if split == "train" else (
+        data.x_test, data.y_test, data.z_test)
+    if z is None:
+        return {}
+    return counts_to_metrics(group_confusion(y.cpu().numpy(), predict(res.model, x).cpu().numpy(),
+                                             z.cpu().numpy(), res.num_groups, res.num_classes), prefix=prefix)
+
+
 def global_model_report(res: Resident, data: LocalData) -> dict[str, float]:
     """What the received global model does on this client's training data, before training:
     its mean loss, and its confusion counts per sensitive group (prefixed `pre_`)."""
-    report = {"global_train_loss": evaluate(res.model, data.x_train, data.y_train)["loss"]}
-    if data.z_train is not None:
-        report.update(counts_to_metrics(group_confusion(
-            data.y_train.cpu().numpy(), predict(res.model, data.x_train).cpu().numpy(),
-            data.z_train.cpu().numpy(), res.num_groups, res.num_classes), prefix="pre_"))
-    return report
+    return {"global_train_loss": evaluate(res.model, data.x_train, data.y_train)["loss"],
+            **fairness_counts(res, data, "train", prefix="pre_")}
 
 
 @dataclass
@@ -383,17 +390,6 @@ def run_setup(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
         result.clients.append(ClientResult(client.client_id, {"num_examples": float(len(data.y_train))},
                                            outputs))
     return encode_result(result)
-
-
-def fairness_counts(res: Resident, data: LocalData, split: str) -> dict[str, float]:
-    """Confusion counts per sensitive group of the global model on the client's training data
-    or local test split (none when the data have no groups)."""
-    x, y, z = (data.x_train, data.y_train, data.z_train) if split == "train" else (
-        data.x_test, data.y_test, data.z_test)
-    if z is None:
-        return {}
-    return counts_to_metrics(group_confusion(y.cpu().numpy(), predict(res.model, x).cpu().numpy(),
-                                             z.cpu().numpy(), res.num_groups, res.num_classes))
 
 
 def run_evaluate(content: RecordDict, host: Host = SIMULATION) -> RecordDict:

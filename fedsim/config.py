@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsim.errors import ConfigError
-from fedsim.plugins import LIBRARY_SOURCES, absolute_file_plugins
+from fedsim.plugins import absolute_file_plugins, absolute_source
 
 DATA_DIR_ENV = "FEDSIM_DATA_DIR"
 
@@ -140,10 +140,8 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _absolute_source_path(self) -> DataSection:
         """A source given as a relative path means the same in every process."""
-        kind, _, where = self.dataset.partition(":")
-        if self.dataset.startswith(LIBRARY_SOURCES) and where and (
-                kind != "hf" or Path(where).exists()) and not Path(where).is_absolute():
-            self.dataset = f"{kind}:{Path(where).resolve()}"
+        if (absolute := absolute_source(self.dataset, Path.cwd())) != self.dataset:
+            self.dataset = absolute
         return self
 
 

@@ -130,6 +130,16 @@ def _rewrite_file_plugins(raw: dict[str, Any], rewrite: Callable[[Path], str | N
     return map_plugins(raw, fix)
 
 
+def absolute_source(name: str, base: Path) -> str:
+    """A data source naming a relative path (`csv:data.csv`) made absolute against `base`; other
+    names unchanged (`hf:` also takes hub names: only a path that exists there is rewritten)."""
+    kind, _, where = name.partition(":")
+    if not (name.startswith(LIBRARY_SOURCES) and where) or Path(where).is_absolute():
+        return name
+    path = (base / where).resolve()
+    return f"{kind}:{path}" if kind != "hf" or path.exists() else name
+
+
 def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make `file.py:Name` plugin paths and the paths of data sources (`csv:data.csv`) in a raw
     spec absolute, relative to the spec's folder, so they mean the same in every worker process."""
@@ -139,10 +149,7 @@ def absolute_file_plugins(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("dataset"), str):
-        kind, _, where = data["dataset"].partition(":")
-        if (data["dataset"].startswith(LIBRARY_SOURCES) and (new := absolute(Path(where))) is not None
-                and (kind != "hf" or Path(new).exists())):  # hf: also takes hub names
-            data["dataset"] = f"{kind}:{new}"
+        data["dataset"] = absolute_source(data["dataset"], base)
     return _rewrite_file_plugins(raw, absolute)
 
 

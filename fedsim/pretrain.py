@@ -8,7 +8,6 @@ extractor beside it (`model-encoder.pt`, for `data.embedding`, e.g. GGEUR on a f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from fedsim.data.tensors import LocalData
 from fedsim.errors import ConfigError
 from fedsim.evaluation import evaluate
 from fedsim.models import build_model
+from fedsim.results import replace_atomically
 from fedsim.seeding import derive_seed
 from fedsim.warmup import feature_extractor
 
@@ -37,12 +37,6 @@ class Pretrained:
     examples: int
     test_accuracy: float
     train_loss: float
-
-
-def _save(obj: object, path: Path) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(obj, partial)
-    os.replace(partial, path)
 
 
 def pretrain(config: ExperimentConfig, out: Path, epochs: int) -> Pretrained:
@@ -61,11 +55,11 @@ def pretrain(config: ExperimentConfig, out: Path, epochs: int) -> Pretrained:
     metrics = train_locally(model, data, settings, [], derive_seed(config.experiment.seed, PRETRAIN_STREAM),
                             settings.lr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(model.state_dict(), out)
+    replace_atomically(out, lambda tmp: torch.save(model.state_dict(), tmp))
     encoder = None
     if isinstance(model, torch.nn.Sequential) and len(model) > 1:
         encoder = out.with_name(f"{out.stem}-encoder.pt")
-        _save(feature_extractor(model), encoder)
+        replace_atomically(encoder, lambda tmp: torch.save(feature_extractor(model), tmp))
     test = evaluate(model, torch.as_tensor(held.x_test), torch.as_tensor(held.y_test))
     return Pretrained(out, encoder, len(held.y_train), test["accuracy"], metrics["train_loss"])
 

@@ -85,7 +85,8 @@ def read_table(run_dir: Path, name: str) -> pd.DataFrame:
     return pd.read_parquet(table) if table.is_file() else pd.DataFrame()
 
 
-def _replace_atomically(path: Path, write) -> None:
+def replace_atomically(path: Path, write) -> None:
+    """Write `path` through `write(tmp)` and a rename, so a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     write(tmp)
@@ -115,10 +116,10 @@ class RunWriter:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_after is None:
                 text = json.dumps(config.to_json_dict(), indent=2)
-                _replace_atomically(self.run_dir / "config.json", lambda tmp: tmp.write_text(text))
+                replace_atomically(self.run_dir / "config.json", lambda tmp: tmp.write_text(text))
             for name in TABLES:
                 kept = [] if resume_after is None else journal_lines(self._journal(name), resume_after)
-                _replace_atomically(self._journal(name),
+                replace_atomically(self._journal(name),
                                     lambda tmp, lines=kept: tmp.write_text("".join(lines)))
         except OSError as exc:
             raise FedsimError(f"cannot write the run directory {self.run_dir}: {exc.strerror or exc}; "
@@ -144,7 +145,7 @@ class RunWriter:
         """The journals as parquet tables (atomically); a finished run drops its journals."""
         for name in TABLES:
             table = read_table(self.run_dir, name)
-            _replace_atomically(self.run_dir / f"{name}.parquet",
+            replace_atomically(self.run_dir / f"{name}.parquet",
                                 lambda tmp, t=table: t.to_parquet(tmp, index=False))
             if finished:
                 self._journal(name).unlink()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.models import build_model
+from fedsim.results import replace_atomically
 
 ENCODER_FILE = "encoder.pt"
 
@@ -71,9 +71,8 @@ def with_warmup_encoder(config: ExperimentConfig, run_dir: Path,
                             warm.experiment.seed)
         with np.load(warm.output.run_dir / "model.npz") as trained:
             model.load_state_dict({k: torch.as_tensor(trained[k]) for k in trained.files})
-        partial = encoder_path.with_name(encoder_path.name + ".tmp")
-        torch.save(feature_extractor(model), partial)
-        os.replace(partial, encoder_path)  # a killed run leaves no half-written encoder
+        # a killed run leaves no half-written encoder
+        replace_atomically(encoder_path, lambda tmp: torch.save(feature_extractor(model), tmp))
     raw = config.to_json_dict()
     raw["data"]["embedding"] = str(encoder_path.resolve())
     raw["output"]["run_dir"] = str(run_dir)

@@ -37,6 +37,15 @@ def split_train_test(
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
+def stratified_train_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """True for the rows a stratified `test_fraction` test split (drawn with `seed`) leaves for
+    training."""
+    _, test = stratified_split_indices(labels, test_fraction, np.random.default_rng(seed))
+    is_train = np.ones(len(labels), dtype=bool)
+    is_train[test] = False
+    return is_train
+
+
 def stratified_split_indices(
     labels: np.ndarray, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:

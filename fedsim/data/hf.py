@@ -21,7 +21,7 @@ import pandas as pd
 
 from fedsim.config import DataSection, HFSection
 from fedsim.data.arraycache import cache_key, file_identity
-from fedsim.data.arrays import ArrayDataset, stratified_split_indices
+from fedsim.data.arrays import ArrayDataset, stratified_train_mask
 from fedsim.data.tabular import encode
 from fedsim.errors import DataError
 from fedsim.plugins import LIBRARY_SOURCES
@@ -150,10 +150,7 @@ def load(name: str, spec: DataSection, seed: int, splits: dict[str, Any]) -> Arr
         is_train = np.repeat([True, False], [len(parts[0]), len(parts[1])])
     else:
         parts = [train]
-        labels = np.asarray(train[hf.label_column])
-        _, test_rows = stratified_split_indices(labels, spec.test_fraction, np.random.default_rng(seed))
-        is_train = np.ones(len(labels), dtype=bool)
-        is_train[test_rows] = False
+        is_train = stratified_train_mask(np.asarray(train[hf.label_column]), spec.test_fraction, seed)
     if image is not None:
         x = np.concatenate([_images(part, image, hf) for part in parts])
         columns = [c for c in (hf.label_column, spec.sensitive, hf.client_column) if c is not None]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.data.arrays import ArrayDataset, stratified_split_indices
+from fedsim.data.arrays import ArrayDataset, stratified_train_mask
 from fedsim.data.download import verified_file
 from fedsim.errors import ConfigError
 
@@ -104,7 +104,5 @@ def load_german(root: Path | None, test_fraction: float, seed: int, attribute: s
     path = _files("german", GERMAN_FILES, root, base_url)["german.data"]
     frame = pd.read_csv(path, names=GERMAN_COLUMNS, sep=" ")
     labels = (frame.pop("credit") == 1).to_numpy(np.int64)
-    _, test_idx = stratified_split_indices(labels, test_fraction, np.random.default_rng(seed))
-    is_train = np.ones(len(labels), dtype=bool)
-    is_train[test_idx] = False
+    is_train = stratified_train_mask(labels, test_fraction, seed)
     return _dataset(frame, labels, GERMAN_NUMERIC, is_train, "german", attribute)
