@@ -49,7 +49,7 @@ def test_draws_depend_on_seed_step_and_position_only():
 def test_augmenting_non_images_is_refused(tmp_path):
     from fedsim.runner import run_experiment
 
-    config = load_config(None, ["data.dataset=german", "data.num_clients=4", "client.augment=['flip']",
+    config = load_config(None, ["data.embedding=identity", "client.augment=['flip']",  # flat inputs
                                 "engine.backend=inprocess", f"output.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="client.augment .* needs images"):
         run_experiment(config)
