@@ -26,7 +26,7 @@ from fedsim.config import ExperimentConfig, validate_config
 from fedsim.data.federation import Federation, IndexedFederation, build_federation
 from fedsim.data.tensors import LocalData
 from fedsim.engine.aggregation import add_weighted
-from fedsim.engine.protocol import Task, WorkerResult, decode_task, encode_result
+from fedsim.engine.protocol import RECEIVED, Task, WorkerResult, decode_task, encode_result
 from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import counts_to_metrics, group_confusion
 from fedsim.method import ClientContext, ClientResult, Component, Method
@@ -240,6 +240,10 @@ class Worker:
         for component, ctx in zip(self.components, contexts, strict=True):
             data = component.training_data(ctx, data)
         before = global_model_report(res, data) if self.method.evaluates_global else {}
+        if self.task.evaluate_first:
+            local = local_evaluation(res, res.client_data(client.client_id),
+                                     self.config.evaluation.fairness_data)
+            before.update({RECEIVED + key: value for key, value in local.items()})
         seed = derive_seed(self.config.experiment.seed, self.task.round, client.client_id)
         return Prepared(client.client_id, contexts, data, self.loss_terms(contexts), seed, before)
 
@@ -402,13 +406,17 @@ def run_evaluate(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     result = WorkerResult()
     for client in task.clients:
         try:
-            data = res.client_data(client.client_id)
-            metrics = evaluate(res.model, data.x_test, data.y_test)
-            reply = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"],
-                     "num_test_examples": metrics["num_examples"]}
-            reply.update(fairness_counts(res, data, config.evaluation.fairness_data))
+            reply = local_evaluation(res, res.client_data(client.client_id), config.evaluation.fairness_data)
         except Exception as exc:
             result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
             continue
         result.clients.append(ClientResult(client.client_id, reply))
     return encode_result(result)
+
+
+def local_evaluation(res: Resident, data: LocalData, fairness_data: str) -> dict[str, float]:
+    """The resident model on a client's local test split (and its predictions counted per
+    sensitive group on the split `fairness_data` names)."""
+    metrics = evaluate(res.model, data.x_test, data.y_test)
+    return {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"],
+            "num_test_examples": metrics["num_examples"], **fairness_counts(res, data, fairness_data)}

@@ -220,6 +220,29 @@ class GgeurSection(Section):
         "each mean counts as one more example")
 
 
+class PrivacySection(Section):
+    """Client-level differential privacy (DP-FedAvg): every client's update clipped to an L2 norm,
+    Gaussian noise on their sum at the server, epsilon at `delta` from an accountant."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, ge=0, description="noise std / clip norm on the sum of "
+                                    "the clipped updates (with adaptive clipping: of the whole "
+                                    "mechanism, the clipped-count query included)")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound of a client's update (adaptive: "
+                             "where it starts)")
+    adaptive: bool = Field(False, description="adapt the clip norm to a quantile of the update "
+                           "norms (Andrew et al., 2021)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: share of updates "
+                                   "meant to fall within the clip norm")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: geometric step of the clip norm")
+    clipped_count_stddev: float | None = Field(None, gt=0, description="adaptive: noise std of "
+                                               "the clipped count (default: cohort size / 20)")
+    delta: float | None = Field(None, gt=0, lt=1, description="the epsilon reported is at this "
+                                "delta (default: 1 / num_clients^1.1, below 1 / num_clients)")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's Renyi (rdp) or "
+                                              "privacy-loss-distribution (pld, Poisson only) accountant")
+
+
 class StrategySection(BaseModel):
     """Strategy name, cohort size, and the strategy's own parameters (checked by the strategy)."""
 
@@ -230,6 +253,9 @@ class StrategySection(BaseModel):
     fraction: float | None = Field(None, gt=0, le=1, description="overrides clients_per_round")
     min_available_clients: int = Field(1, ge=1, description="deployed: stop the run when fewer "
                                        "clients' nodes are online")
+    sampling: Literal["fixed", "poisson"] = Field(
+        "fixed", description="'fixed': exactly the cohort size, drawn without replacement; "
+        "'poisson': each client independently with probability cohort size / num_clients")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -241,6 +267,10 @@ class EvaluationSection(Section):
     every: int = Field(1, ge=1, description="central evaluation every N rounds (and the last)")
     client_fraction: float = Field(1.0, ge=0, le=1, description="clients evaluated locally")
     client_every: int = Field(1, ge=1)
+    with_training: bool = Field(False, description="clients evaluate the global model they receive "
+                                "before training it: round r's training message brings back the "
+                                "local evaluation of round r-1's model (from round r's cohort), and "
+                                "only the last model needs a message of its own")
     decomposition: bool = Field(False, description="loss decomposition (local, shift, aggregation) "
                                 "at every central evaluation")
     decomposition_clients: int = Field(10, ge=1, description="clients it uses at most (m^2 evaluations)")
@@ -301,6 +331,7 @@ class ExperimentConfig(Section):
     client: ClientSection = Field(default_factory=ClientSection)
     system: SystemSection = Field(default_factory=SystemSection)
     ggeur: GgeurSection = Field(default_factory=GgeurSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     engine: EngineSection = Field(default_factory=EngineSection)

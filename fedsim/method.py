@@ -6,8 +6,9 @@ what it sends back and keeps per client after it) and its server half (`aggregat
 result) -> (arrays, metrics)`). The engine runs the server half on the server and, from the same
 class, the client half on every worker or node. A method's only memory between rounds is
 `self.state` (named arrays: server optimizer moments, control variates, fairness weights), so
-the engine can see and save all of it. An `AddOn` (GGEUR) has the client half and an optional
-setup phase but no aggregation, and runs beside any method.
+the engine can see and save all of it. An `AddOn` (GGEUR, differential privacy) has the client half,
+an optional setup phase and a server hook that runs before the method aggregates (`on_round`),
+and runs beside any method it accepts.
 
     class FedProx(FedAvg):
         class Params(NoParams):
@@ -137,6 +138,8 @@ class RoundResult:
     clients: list[ClientResult] = field(default_factory=list)
     failures: dict[int, str] = field(default_factory=dict)
     means: dict[str, Arrays] = field(default_factory=dict)
+    sums: dict[str, Arrays] = field(default_factory=dict)  # the weighted sums behind `means` (float64)
+    weights: dict[str, float] = field(default_factory=dict)  # and their total weights
     skipped: dict[int, str] = field(default_factory=dict)  # sampled but dropped out or timed out
     notes: list[str] = field(default_factory=list)  # what workers say for the run's log
 
@@ -155,12 +158,14 @@ class RoundResult:
 @dataclass
 class RunInfo:
     """What the server half knows of the run: trainable parameter names, client sizes, the local
-    training settings and the seed."""
+    training settings, the seed and how cohorts are sampled."""
 
     param_names: list[str]
     client_sizes: np.ndarray
     settings: ClientSection
     seed: int = 0
+    cohort: int = 0  # clients sampled per round (Poisson sampling: expected)
+    sampling: Literal["fixed", "poisson"] = "fixed"
 
     @property
     def num_clients(self) -> int:
@@ -249,7 +254,19 @@ class Method(Component):
 
 
 class AddOn(Component):
-    """A client-side technique that runs beside any method (configured in its own section)."""
+    """A technique that runs beside any method (configured in its own section)."""
+
+    output_weighting: ClassVar[dict[str, Weighting]] = {}  # replaces the method's weighting of
+    # these outputs (differential privacy weights every client's model equally)
+
+    @classmethod
+    def check_method(cls, method: type[Method]) -> None:
+        """Refuse, with a ConfigError, a method this add-on cannot run beside."""
+
+    def on_round(self, server_round: int, current: Arrays, result: RoundResult) -> dict[str, float]:
+        """Server half, before the method aggregates: may change the round's `result` (its
+        means); returns metrics for the round."""
+        return {}
 
 
 def overrides(obj: object, base: type, name: str) -> bool:

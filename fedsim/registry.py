@@ -17,6 +17,7 @@ from fedsim.errors import ConfigError
 from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
 from fedsim.models import check_model
 from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
+from fedsim.privacy.dp_fedavg import ClientLevelDP
 from fedsim.terms import ParityConstraint, ParityPenalty, Proximal
 from strategies.fairfed import FairFed
 from strategies.fedavg import FedAvg
@@ -38,7 +39,8 @@ METHODS: dict[str, type[Method]] = {
 }
 LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (
     MarginControl, ParityConstraint, ParityPenalty, Proximal)}
-ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur}  # each switched on by `[<name>] enabled`
+# each switched on by `[<name>] enabled`; they run in this order (privacy last: it clips what is sent)
+ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur, ClientLevelDP.name: ClientLevelDP}
 
 
 def strategy_names() -> list[str]:
@@ -146,6 +148,10 @@ def check_config(config: ExperimentConfig) -> None:
     if not issubclass(cls, FlowerStrategy):  # a Flower strategy's arguments: checked by its check
         _check_params(cls.Params, config.strategy.params, "strategy", f"strategy '{cls.label()}'")
     cls.check(config)
+    for name, add_on in ADD_ONS.items():
+        if getattr(config, name).enabled:
+            add_on.check(config)
+            add_on.check_method(cls)
     for name, params in config.client.objectives.items():
         _check_params(term_class(name).Params, params, f"client.objectives.{name}",
                       f"local objective '{name}'")

@@ -45,7 +45,7 @@ def with_run_dir(config: ExperimentConfig) -> ExperimentConfig:
     return config.model_copy(update={"output": output})
 
 
-TABLES = ("rounds", "clients")
+TABLES = {"rounds": ["round"], "clients": ["round", "client_id"]}  # each table's row key
 
 
 def _json_value(value: Any) -> Any:
@@ -78,10 +78,14 @@ def journal_lines(path: Path, last_round: int) -> list[str]:
 
 def read_table(run_dir: Path, name: str) -> pd.DataFrame:
     """A run's `rounds` or `clients` table, whether it finished, stopped or was killed (empty when
-    it has none)."""
+    it has none). Journal lines with the same key are one row (a later line completes an earlier
+    one: evaluation.with_training reports a round's client evaluation with the next round)."""
     journal, table = Path(run_dir) / f"{name}.jsonl", Path(run_dir) / f"{name}.parquet"
     if journal.is_file():
-        return pd.DataFrame(read_journal(journal))
+        frame = pd.DataFrame(read_journal(journal))
+        if frame.empty or not frame.duplicated(TABLES[name]).any():
+            return frame
+        return frame.groupby(TABLES[name]).first().reset_index()
     return pd.read_parquet(table) if table.is_file() else pd.DataFrame()
 
 

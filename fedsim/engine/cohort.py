@@ -50,11 +50,15 @@ class CohortSampler:
                               f"strategy.min_available_clients = {needed}: stopping the run")
 
     def sample_cohort(self, server_round: int) -> list[int]:
-        """This round's clients: a sample without replacement from its own seeded stream."""
+        """This round's clients, from the round's own seeded stream: the cohort size drawn without
+        replacement, or (strategy.sampling = 'poisson') each client independently with
+        probability cohort size / num_clients."""
         rng = np.random.default_rng(derive_seed(self.seed, server_round, SAMPLE_STREAM))
         population = self.population()
-        size = min(cohort_size(self.config, self.num_clients), len(population))
-        return sorted(int(c) for c in rng.choice(population, size, replace=False))
+        size = cohort_size(self.config, self.num_clients)
+        if self.config.strategy.sampling == "poisson":
+            return [int(c) for c in population[rng.random(len(population)) < size / self.num_clients]]
+        return sorted(int(c) for c in rng.choice(population, min(size, len(population)), replace=False))
 
     def train_round(self, server_round: int) -> RoundSystem:
         """The sampled clients that take part once dropout and the deadline have struck."""

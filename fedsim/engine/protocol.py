@@ -18,6 +18,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedsim.method import Arrays, ClientResult
 
 SEPARATOR = "::"  # joins a named group and an array name into one record key
+RECEIVED = "received."  # prefixes a client's metrics of the global model it received, measured
+# on its local test split before training (evaluation.with_training)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Task:
     broadcast: dict[str, Arrays] = field(default_factory=dict)  # per method / add-on
     reduce: dict[str, str] | None = None  # output -> weighting; None: reply per client
     data_info: dict[str, Any] = field(default_factory=dict)  # deployment: input_shape, classes
+    evaluate_first: bool = False  # training: clients first evaluate the global model they receive
 
 
 @dataclass
@@ -88,6 +91,7 @@ def encode_task(task: Task) -> RecordDict:
         "plans": json.dumps([c.plan for c in task.clients]),
         "reduce": json.dumps(task.reduce),
         "data_info": json.dumps(task.data_info),
+        "evaluate_first": task.evaluate_first,
     })
     for client in task.clients:
         if client.state:
@@ -110,6 +114,7 @@ def decode_task(content: RecordDict) -> Task:
         broadcast=from_grouped_record(content["broadcast"]),
         reduce=json.loads(meta["reduce"]),
         data_info=json.loads(meta["data_info"]),
+        evaluate_first=bool(meta["evaluate_first"]),
     )
 
 

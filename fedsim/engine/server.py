@@ -13,6 +13,7 @@ import torch
 from fedsim.config import ExperimentConfig
 from fedsim.data.federation import Federation
 from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints
+from fedsim.engine.protocol import RECEIVED
 from fedsim.errors import RunFailed
 from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import group_confusion, parity_gaps
@@ -30,6 +31,8 @@ class RoundLog:
 
     train: RoundResult = field(default_factory=RoundResult)
     evaluate: RoundResult = field(default_factory=RoundResult)
+    received: RoundResult = field(default_factory=RoundResult)  # the previous round's model,
+    # evaluated by this round's training clients (evaluation.with_training)
 
     def __call__(self, kind: str, server_round: int, result: RoundResult) -> None:
         setattr(self, kind, result)
@@ -131,7 +134,12 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
         started = time.perf_counter()
         new, row, sent = transport.train(rnd, arrays)
         row["train_seconds"] = time.perf_counter() - started
-        diverged = new is not None and not (is_finite(new) and np.isfinite(row["train_loss"]))
+        received = {k.removeprefix(RECEIVED): row.pop(k) for k in list(row) if k.startswith(RECEIVED)}
+        if received:  # completes the previous round's row
+            writer.add_round({"round": rnd - 1, **received},
+                             client_rows(rnd - 1, [], log.received.clients, {}, {}))
+        loss_ok = np.isfinite(row["train_loss"]) or row["num_clients"] == 0  # (a noise-only round)
+        diverged = new is not None and not (is_finite(new) and loss_ok)
         if diverged:
             row["diverged"] = 1.0
             writer.log(f"round {rnd}: diverged (train_loss {row['train_loss']}); global model unchanged")
@@ -142,8 +150,9 @@ def run_rounds(config: ExperimentConfig, transport: RoundTransport, log: RoundLo
         else:
             writer.log(f"round {rnd}: no client succeeded; global model unchanged")
         evaluated, eval_sent = [], 0
-        if config.evaluation.client_fraction > 0 and (rnd % config.evaluation.client_every == 0
-                                                      or rnd == rounds):
+        ev = config.evaluation
+        if ev.client_fraction > 0 and (rnd == rounds or (rnd % ev.client_every == 0
+                                                         and not ev.with_training)):
             eval_row, eval_sent = transport.evaluate(rnd, arrays)
             row.update(eval_row)
             evaluated = log.evaluate.clients

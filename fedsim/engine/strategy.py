@@ -17,10 +17,18 @@ from fedsim.config import ExperimentConfig
 from fedsim.engine.aggregation import add_sums, add_weighted, mean_from_sum
 from fedsim.engine.cohort import CohortSampler
 from fedsim.engine.packing import pack_balanced
-from fedsim.engine.protocol import ClientTask, Task, decode_result, encode_task, from_record, to_record
+from fedsim.engine.protocol import (
+    RECEIVED,
+    ClientTask,
+    Task,
+    decode_result,
+    encode_task,
+    from_record,
+    to_record,
+)
 from fedsim.errors import FedsimError
 from fedsim.fairness.groups import counts_from_metrics, fairness_metrics
-from fedsim.method import AddOn, Arrays, Method, RoundResult
+from fedsim.method import AddOn, Arrays, ClientResult, Method, RoundResult, Weighting
 from fedsim.system import RoundSystem
 
 SETUP_ACTION = "fedsim_setup"  # messages of type query.fedsim_setup: the setup phase
@@ -55,6 +63,15 @@ class FedsimStrategy(Strategy):
         return [self.method, *self.add_ons]
 
     @property
+    def weightings(self) -> dict[str, Weighting]:
+        """How each client output is weighted in its mean: the method's, or an add-on's where it
+        says otherwise."""
+        out = dict(self.method.outputs)
+        for add_on in self.add_ons:
+            out.update({k: v for k, v in add_on.output_weighting.items() if k in out})
+        return out
+
+    @property
     def replies_per_client(self) -> bool:
         """Whether workers reply with every client's arrays instead of pre-aggregated sums (the
         loss decomposition needs every client's model)."""
@@ -70,11 +87,12 @@ class FedsimStrategy(Strategy):
             for component in self.components:
                 if shared := component.broadcast(server_round, arrays):
                     broadcast[component.label()] = shared
-        reduce = None if (self.replies_per_client or not train) else dict(self.method.outputs)
+        reduce = None if (self.replies_per_client or not train) else self.weightings
         groups = ([[cid] for cid in cohort] if self.placement is not None
                   else pack_balanced(cohort, self.sampler.client_sizes, num_workers))
         experiment = self.config.to_json_dict()
         experiment.pop("output")  # where the server writes results is no business of the workers
+        evaluate_first = train and self.evaluates_received(server_round)
         tasks = []
         for group in groups:
             if not group:
@@ -82,8 +100,14 @@ class FedsimStrategy(Strategy):
             clients = [ClientTask(cid, self._plan(server_round, cid) if train else {},
                                   self.client_state.get(cid, {}) if train else {}) for cid in group]
             tasks.append(Task(server_round, experiment, arrays, clients, broadcast, reduce,
-                              self.data_info))
+                              self.data_info, evaluate_first))
         return tasks
+
+    def evaluates_received(self, server_round: int) -> bool:
+        """Whether round `server_round`'s training clients first evaluate the model they receive
+        (evaluation.with_training, when round server_round - 1's client evaluation is due)."""
+        ev = self.config.evaluation
+        return ev.with_training and ev.client_fraction > 0 and (server_round - 1) % ev.client_every == 0
 
     def _plan(self, server_round: int, client_id: int) -> dict[str, Any]:
         steps = self._system.reduced_steps.get(client_id)
@@ -123,6 +147,17 @@ class FedsimStrategy(Strategy):
             out.append((ids, None, "no reply within engine.timeout"))
         return out
 
+    @staticmethod
+    def split_received(result: RoundResult) -> RoundResult:
+        """Take the clients' evaluations of the model they received out of a training result."""
+        received = RoundResult()
+        for client in result.clients:
+            keys = [k for k in client.metrics if k.startswith(RECEIVED)]
+            if keys:
+                received.clients.append(ClientResult(
+                    client.client_id, {k.removeprefix(RECEIVED): client.metrics.pop(k) for k in keys}))
+        return received
+
     def unpack(self, replies: Iterable[Reply]) -> RoundResult:
         """Merge worker replies into one result, independent of the order they arrived in."""
         result = RoundResult()
@@ -142,12 +177,13 @@ class FedsimStrategy(Strategy):
         result.clients.sort(key=lambda c: c.client_id)
         if self.replies_per_client:
             for client in result.clients:
-                for name, weighting in self.method.outputs.items():
+                for name, weighting in self.weightings.items():
                     if name not in client.outputs:  # evaluation replies carry no arrays
                         continue
                     w = client.metrics["num_examples"] if weighting == "examples" else 1.0
                     sums[name] = add_weighted(sums.get(name), client.outputs[name], w)
                     weights[name] = weights.get(name, 0.0) + w
+        result.sums, result.weights = sums, weights
         for name, total in sums.items():
             if weights[name] > 0:
                 result.means[name] = mean_from_sum(total, weights[name], self._current)
@@ -181,6 +217,7 @@ class FedsimStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The method's new global model and the round's metrics."""
         result = self.unpack(self.replies(replies))
+        received = self.split_received(result)
         result.skipped = dict(self._system.skipped)
         self.simulated_clock += self._system.simulated_seconds
         skipped = list(result.skipped.values())
@@ -191,10 +228,15 @@ class FedsimStrategy(Strategy):
                    "num_timed_out": float(skipped.count("timed out")),
                    "simulated_seconds": self._system.simulated_seconds,
                    "simulated_clock": self.simulated_clock}
+        for add_on in self.add_ons:
+            metrics.update(add_on.on_round(server_round, self._current, result))
         new = None
-        if result.clients:
+        if result.clients or "model" in result.means:  # DP on an empty Poisson cohort: noise
             new, extra = self.method.aggregate(server_round, self._current, result)
             metrics.update(extra)
+        if received.clients:  # round server_round - 1's client evaluation, for its row
+            metrics.update({RECEIVED + k: v for k, v in self.evaluation_metrics(received).items()})
+            self._report("received", server_round - 1, received)
         self._report("train", server_round, result)
         return (to_record(new) if new is not None else None), MetricRecord(metrics)
 
@@ -209,6 +251,13 @@ class FedsimStrategy(Strategy):
         """Client-side evaluation metrics, and fairness across and within clients when the
         clients hold a sensitive attribute."""
         result = self.unpack(self.replies(replies))
+        self._report("evaluate", server_round, result)
+        return MetricRecord(self.evaluation_metrics(result))
+
+    @staticmethod
+    def evaluation_metrics(result: RoundResult) -> dict[str, float]:
+        """A client evaluation's round metrics: loss and accuracy weighted by test examples, and
+        fairness across and within clients when they hold a sensitive attribute."""
         metrics = {"client_eval_loss": result.weighted_metric("eval_loss", "num_test_examples"),
                    "client_eval_accuracy": result.weighted_metric("eval_accuracy", "num_test_examples"),
                    "client_eval_failures": float(len(result.failures))}
@@ -216,8 +265,7 @@ class FedsimStrategy(Strategy):
         counts = {cid: c for cid, c in counts.items() if c is not None}
         if counts:
             metrics.update(fairness_metrics(counts))
-        self._report("evaluate", server_round, result)
-        return MetricRecord(metrics)
+        return metrics
 
     # ---- the setup phase (before round 1) ------------------------------------------------
     def configure_setup(self, grid: Grid) -> list[Message]:

@@ -28,18 +28,22 @@ def client_accuracy(run: RunRecord) -> np.ndarray:
 
 
 def run_metrics(run: RunRecord, target: float) -> dict[str, float]:
+    """A run's row of the summary table (epsilon only for runs with differential privacy)."""
     accuracy = client_accuracy(run)
     worst = np.sort(accuracy)[:max(1, len(accuracy) // 10)] if len(accuracy) else accuracy
-    return {"final accuracy": run.summary["final_accuracy"], "best accuracy": run.summary["best_accuracy"],
-            "rounds to target": rounds_to_target(run.rounds, target),
-            "client acc. mean": float(accuracy.mean()) if len(accuracy) else np.nan,
-            "client acc. std": float(accuracy.std()) if len(accuracy) else np.nan,
-            "client acc. worst 10%": float(worst.mean()) if len(worst) else np.nan,
-            "MB exchanged": float(run.rounds["bytes_exchanged"].sum()) / 1e6,
-            "wall seconds": run.summary["seconds"]}
+    metrics = {"final accuracy": run.summary["final_accuracy"], "best accuracy": run.summary["best_accuracy"],
+               "rounds to target": rounds_to_target(run.rounds, target),
+               "client acc. mean": float(accuracy.mean()) if len(accuracy) else np.nan,
+               "client acc. std": float(accuracy.std()) if len(accuracy) else np.nan,
+               "client acc. worst 10%": float(worst.mean()) if len(worst) else np.nan,
+               "MB exchanged": float(run.rounds["bytes_exchanged"].sum()) / 1e6,
+               "wall seconds": run.summary["seconds"]}
+    if "dp_epsilon" in run.rounds:
+        metrics["epsilon"] = float(run.rounds["dp_epsilon"].iloc[-1])
+    return metrics
 
 
-LOWER_IS_BETTER = {"rounds to target", "client acc. std", "MB exchanged", "wall seconds"}
+LOWER_IS_BETTER = {"rounds to target", "client acc. std", "MB exchanged", "wall seconds", "epsilon"}
 PERCENT = {"final accuracy", "best accuracy", "client acc. mean", "client acc. std", "client acc. worst 10%"}
 
 
