@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from scipy import ndimage
 
 from fedsim.config import FeatureSection
 from fedsim.data.arrays import ArrayDataset
@@ -32,6 +31,8 @@ def transform(x: np.ndarray, kind: str, level: float, domain: int, spec: Feature
               seed: int, part: int) -> np.ndarray:
     """Inputs `x` (batch first) as seen in `domain`; float32 like the input. The shift direction
     is fixed by (seed, domain); the noise is drawn per (seed, domain, part)."""
+    from scipy import ndimage  # here: the runtime of a deployed client never needs it
+
     if kind == "rotation" and level > 0:
         x = ndimage.rotate(x, level * spec.max_rotation, axes=(-2, -1), reshape=False, order=1)
     elif kind == "blur" and level > 0:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from fedsim.config import DataSection, HFSection
 from fedsim.data.arraycache import cache_key, file_identity
@@ -140,6 +139,7 @@ def load(name: str, spec: DataSection, seed: int, splits: dict[str, Any]) -> Arr
     """The arrays of a source opened with `open_splits`: the test split, or else a stratified
     `data.test_fraction` of the training split."""
     import datasets
+    from pandas.api.types import is_numeric_dtype
 
     hf = spec.hf
     train = splits[hf.split]
@@ -163,7 +163,7 @@ def load(name: str, spec: DataSection, seed: int, splits: dict[str, Any]) -> Arr
         features = hf.feature_columns or [c for c in frame.columns if c not in special]
         _require(train, features, name)
         table = frame[features]
-        numeric = [c for c in features if pd.api.types.is_numeric_dtype(table[c])]
+        numeric = [c for c in features if is_numeric_dtype(table[c])]
         x = encode(table, numeric, is_train)
     y, classes = _codes(frame[hf.label_column].tolist(), train.features.get(hf.label_column))
     z, groups = _codes(frame[spec.sensitive].tolist()) if spec.sensitive else (None, ())

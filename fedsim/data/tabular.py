@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from fedsim.data.arrays import ArrayDataset, stratified_train_mask
 from fedsim.data.download import verified_file
 from fedsim.errors import ConfigError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: a deployed client's every
+    import pandas as pd  # message starts a new process, which need not pay for it
 
 UCI = "https://archive.ics.uci.edu/ml/machine-learning-databases/"
 
@@ -37,7 +40,7 @@ GERMAN_FILES = {"german.data": "b21f3d81db8071257d5ff1deaeba1fd4303b62712e6fcc97
 GERMAN_FEMALE = {"A92", "A95"}  # attribute 9: female divorced/separated/married, female single
 
 # Sensitive attributes: name -> (group names, function from the raw frame to group indices).
-SensitiveRule = tuple[tuple[str, ...], Callable[[pd.DataFrame], np.ndarray]]
+SensitiveRule = tuple[tuple[str, ...], Callable[["pd.DataFrame"], np.ndarray]]
 ADULT_SENSITIVE: dict[str, SensitiveRule] = {
     "sex": (("female", "male"), lambda df: (df["sex"] == "Male").to_numpy(np.int64)),
     "race": (("non-white", "white"), lambda df: (df["race"] == "White").to_numpy(np.int64)),
@@ -62,6 +65,8 @@ def sensitive_rule(dataset: str, attribute: str | None) -> tuple[str, SensitiveR
 
 def encode(frame: pd.DataFrame, numeric: list[str], train_rows: np.ndarray) -> np.ndarray:
     """One-hot categoricals and standardized numerics (statistics from `train_rows`), float32."""
+    import pandas as pd
+
     categorical = [c for c in frame.columns if c not in numeric]
     values = frame[numeric].astype(np.float64)
     mean, std = values[train_rows].mean(), values[train_rows].std(ddof=0).replace(0.0, 1.0)
@@ -88,6 +93,8 @@ def _dataset(frame: pd.DataFrame, labels: np.ndarray, numeric: list[str], is_tra
 def load_adult(root: Path | None, attribute: str | None = None,
                base_url: str = UCI + "adult/") -> ArrayDataset:
     """Adult: 30,162 training and 15,060 test rows without missing values; label income >50K."""
+    import pandas as pd
+
     paths = _files("adult", ADULT_FILES, root, base_url)
     parts = [pd.read_csv(paths[name], names=ADULT_COLUMNS, skipinitialspace=True, na_values="?",
                          skiprows=1 if name == "adult.test" else 0).dropna()
@@ -101,6 +108,8 @@ def load_adult(root: Path | None, attribute: str | None = None,
 def load_german(root: Path | None, test_fraction: float, seed: int, attribute: str | None = None,
                 base_url: str = UCI + "statlog/german/") -> ArrayDataset:
     """German credit: 1,000 rows, label 1 = good credit; a stratified test split of `test_fraction`."""
+    import pandas as pd
+
     path = _files("german", GERMAN_FILES, root, base_url)["german.data"]
     frame = pd.read_csv(path, names=GERMAN_COLUMNS, sep=" ")
     labels = (frame.pop("credit") == 1).to_numpy(np.int64)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from fedsim.config import ExperimentConfig
 from fedsim.data.arrays import stratified_split_indices
@@ -78,6 +77,8 @@ def _read_npz(path: Path, fraction: float, seed: int) -> ClientData:
 
 
 def _read_csv(path: Path, fraction: float, seed: int) -> ClientData:
+    import pandas as pd  # here: most nodes read .npz files, and every message starts a process
+
     frame = pd.read_csv(path)
     if "label" not in frame:
         raise DataError(f"{path} has no 'label' column; a node's CSV file needs one (the class, "
