@@ -241,6 +241,10 @@ class PrivacySection(Section):
                                 "delta (default: 1 / num_clients^1.1, below 1 / num_clients)")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's Renyi (rdp) or "
                                               "privacy-loss-distribution (pld, Poisson only) accountant")
+    secure_randomness: bool = Field(False, description="draw the server's noise and the cohorts from "
+                                    "the operating system's entropy: the guarantee needs them secret, "
+                                    "and seeded ones can be regenerated from config.json (runs are then "
+                                    "not reproducible)")
 
 
 class StrategySection(BaseModel):

@@ -11,6 +11,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from fedsim.api import run
 from fedsim.config import ClientSection, PrivacySection, load_config
+from fedsim.deploy.server import check_deployable
 from fedsim.engine.cohort import CohortSampler
 from fedsim.errors import ConfigError
 from fedsim.method import ClientResult, RoundResult, RunInfo
@@ -66,9 +67,11 @@ def test_clipping_bounds_the_norm_and_keeps_the_direction():
         trained = {"w": base["w"] + scale * torch.randn(50, 20), "b": base["b"] + scale * torch.randn(20),
                    "count": torch.tensor(9)}
         sent, norm = clipped_update(trained, base, clip_norm=1.0)
-        delta = np.concatenate([(sent[k] - base[k].numpy()).ravel() for k in ("w", "b")])
+        delta = np.concatenate([(sent[k].astype(np.float64) - base[k].double().numpy()).ravel()
+                                for k in ("w", "b")])
         raw = np.concatenate([(trained[k] - base[k]).numpy().ravel() for k in ("w", "b")])
         assert norm == pytest.approx(np.linalg.norm(raw), rel=1e-6)
+        assert np.linalg.norm(delta) <= 1.0 * (1 + 1e-6)  # what is sent, after the float32 cast
         assert np.linalg.norm(delta) == pytest.approx(min(1.0, norm), rel=1e-5)
         assert np.allclose(delta / np.linalg.norm(delta), raw / np.linalg.norm(raw), atol=1e-5)
         assert sent["count"] == 3  # integer buffers are not released
@@ -128,9 +131,32 @@ def test_adaptive_clipping_tracks_the_target_quantile_of_the_update_norms():
         dp.on_round(rnd, {"w": current}, round_of(clipped, current, norms <= dp.clip_norm))
     quantile = np.exp(0.5 * 0.5244)  # lognormal(0, 0.5) 70% quantile
     assert dp.clip_norm == pytest.approx(quantile, rel=0.1)
+    # fixed cohorts: the share is of the clients that replied (half the cohort dropped out here)
+    fixed = make_dp(10_000, 1000, "fixed", noise_multiplier=0.1, adaptive=True, clip_norm=1.0,
+                    clipped_count_stddev=0.5)
+    metrics = fixed.on_round(1, {"w": current}, round_of(np.zeros((500, 1)), current, np.ones(500)))
+    assert metrics["dp_unclipped_share"] == pytest.approx(1.0, abs=5e-3)  # count noise 0.5 / 500
+    assert fixed.clip_norm == pytest.approx(np.exp(-0.2 * (1.0 - 0.5)), rel=2e-3)
     p = PrivacySection(noise_multiplier=1.0, adaptive=True)
     z = update_noise_multiplier(p, count_stddev := 2.0)
     assert z ** -2 + (2 * count_stddev) ** -2 == pytest.approx(1.0)
+
+
+def test_secure_randomness_draws_noise_and_cohorts_from_the_system():
+    seeded = [make_dp(100, 10, noise_multiplier=1.0) for _ in range(2)]
+    secure = [make_dp(100, 10, noise_multiplier=1.0, secure_randomness=True) for _ in range(2)]
+    current = np.zeros(100, dtype=np.float32)
+
+    def noise(dp):
+        result = round_of(np.zeros((10, 100)), current)
+        dp.on_round(1, {"w": current}, result)
+        return result.means["model"]["w"]
+
+    assert np.array_equal(*map(noise, seeded)) and not np.array_equal(*map(noise, secure))
+    config = load_config(None, ["data.num_clients=200", "privacy.enabled=true",
+                                "privacy.secure_randomness=true"])
+    cohorts = [CohortSampler(config, np.full(200, 10)).sample_cohort(1) for _ in range(2)]
+    assert cohorts[0] != cohorts[1] and len(cohorts[0]) == 10
 
 
 def test_poisson_cohorts_have_the_expected_size_and_are_seeded():
@@ -149,11 +175,34 @@ def test_poisson_cohorts_have_the_expected_size_and_are_seeded():
     (["ggeur.enabled=true", "data.embedding=identity"], "ggeur"),
     (["privacy.accountant=pld"], "poisson"),
     (["privacy.adaptive=true", "privacy.noise_multiplier=1.0"], "clipped_count_stddev"),
+    (["evaluation.decomposition=true"], "decomposition"),
+    (["model.name=resnet", "data.dataset=cifar10"], "BatchNorm"),
 ])
 def test_dp_refuses_what_it_does_not_cover(overrides, names):
     config = load_config(None, ["privacy.enabled=true", *overrides])
     with pytest.raises(ConfigError, match=names):
         check_config(config)
+
+
+def test_deployed_dp_needs_poisson_cohorts():
+    config = load_config(None, ["privacy.enabled=true"])
+    with pytest.raises(ConfigError, match="poisson"):
+        check_deployable(config)
+    check_deployable(load_config(None, ["privacy.enabled=true", "strategy.sampling=poisson"]))
+
+
+def test_the_released_model_carries_the_calibrated_noise(tmp_path):
+    """One quickstart round with the same seed (same cohort, same clipped updates) with and
+    without noise: the models differ by N(0, (z C / m)^2) in every coordinate, m = 10 replies."""
+    common = ["privacy.enabled=true", "privacy.clip_norm=2.0", "experiment.rounds=1",
+              "engine.backend=inprocess"]
+    models = []
+    for z in (0.0, 1.5):
+        summary = run(QUICKSTART, *common, f"privacy.noise_multiplier={z}", f"output.dir={tmp_path / str(z)}")
+        with np.load(summary.run_dir / "model.npz") as arrays:
+            models.append(np.concatenate([arrays[k].ravel() for k in sorted(arrays.files)]).astype(float))
+    difference = models[1] - models[0]
+    assert difference.std() == pytest.approx(1.5 * 2.0 / 10, rel=0.03)
 
 
 def test_dp_fedavg_on_the_quickstart_reports_epsilon_every_round(tmp_path):

@@ -29,13 +29,18 @@ PULL_INTERVAL = 0.1  # seconds between the server's pulls of replies from the Su
 
 
 def check_deployable(config: ExperimentConfig) -> None:
-    """Refuse what needs every client's data in one place (simulation only)."""
+    """Refuse what needs every client's data in one place (simulation only), and what the
+    privacy accountant cannot account for when nodes come and go."""
     if config.evaluation.decomposition:
         raise ConfigError("evaluation.decomposition needs every client's data on the server; "
                           "it is a simulation-only analysis: set it to false to deploy")
     if config.data.embedding == "warmup":
         raise ConfigError("data.embedding = 'warmup' trains its encoder in a simulation; deploy "
                           "with a saved encoder file instead (data.embedding = 'path/to/encoder.pt')")
+    if config.privacy.enabled and config.strategy.sampling == "fixed":
+        raise ConfigError("privacy.enabled when deployed needs strategy.sampling = 'poisson': with "
+                          "nodes offline, fixed-size cohorts sample the online clients at a higher "
+                          "rate than the accountant's cohort / num_clients")
 
 
 def collect_roster(grid: Grid, config: ExperimentConfig) -> Roster:

@@ -52,8 +52,11 @@ class CohortSampler:
     def sample_cohort(self, server_round: int) -> list[int]:
         """This round's clients, from the round's own seeded stream: the cohort size drawn without
         replacement, or (strategy.sampling = 'poisson') each client independently with
-        probability cohort size / num_clients."""
-        rng = np.random.default_rng(derive_seed(self.seed, server_round, SAMPLE_STREAM))
+        probability cohort size / num_clients. With privacy.secure_randomness, from the operating
+        system's entropy instead."""
+        privacy = self.config.privacy
+        secret = privacy.enabled and privacy.secure_randomness
+        rng = np.random.default_rng(None if secret else derive_seed(self.seed, server_round, SAMPLE_STREAM))
         population = self.population()
         size = cohort_size(self.config, self.num_clients)
         if self.config.strategy.sampling == "poisson":

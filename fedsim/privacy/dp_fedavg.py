@@ -2,22 +2,26 @@
 clipping (Andrew et al., 2021): both halves in one add-on, beside any method whose aggregate is
 a mean of the clients' models.
 
-Client: the update D = trained - global over every float array of the model (weights and float
-buffers such as BatchNorm statistics) is scaled into the L2 ball of the round's clip norm C; the
-model it sends is global + clipped D (integer buffers keep the global's value). It also reports
-its update's norm and b = 1[|D| <= C].
+Client: the update D = trained - global over every float array of the model is scaled into the
+L2 ball of the round's clip norm C; the model it sends is global + clipped D (integer buffers
+keep the global's value; models with float buffers, such as BatchNorm statistics, are refused).
+It also reports its update's norm and b = 1[|D| <= C].
 
 Server: the method sees the mean  global + (sum of clipped D + N(0, (z_D C)^2 I)) / n  instead
 of the plain one, every client weighted equally, where n is the number of replies for
 fixed-size cohorts and the expected cohort q N for Poisson sampling (the fixed denominator of
 the DP-FedAvg estimator). Fixed clipping: z_D = z. Adaptive: the server also noises the clipped
-count, sum(b - 1/2) + N(0, s^2), and moves C geometrically towards the target quantile g,
-C <- C exp(-lr (b_mean - g)); z_D = (z^-2 - (2 s)^-2)^(-1/2), so that both queries together are
+count, sum(b - 1/2) + N(0, s^2), divides it by n and moves C geometrically towards the target
+quantile g, C <- C exp(-lr (b_mean - g)); z_D = (z^-2 - (2 s)^-2)^(-1/2), so that both queries together are
 one Gaussian mechanism of noise multiplier z, the one the accountant is given.
 
 Threat model: a trusted server adds the noise (central DP). What the run releases, the global
-models, is (epsilon, delta)-DP at the client level; the per-client diagnostics the simulator
-records (train_loss, update norms in clients.parquet) are the server's own and are not noised.
+models, is (epsilon, delta)-DP at the client level when the noise and the cohorts are secret:
+`privacy.secure_randomness` draws them from the operating system's entropy; by default they come
+from the experiment seed, reproducible but recomputable from config.json (fine for studying
+utility, not for a guarantee). The per-client diagnostics the simulator records (train_loss,
+update norms in clients.parquet, a method's client state in checkpoints) are the server's own
+and are not noised.
 """
 
 from __future__ import annotations
@@ -77,6 +81,13 @@ class ClientLevelDP(AddOn):
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
         p = config.privacy
+        if config.evaluation.decomposition:
+            raise ConfigError("privacy.enabled with evaluation.decomposition: the decomposition "
+                              "evaluates every client's own model and records it; switch one off")
+        if config.model.name == "resnet":
+            raise ConfigError("privacy.enabled with model.name = 'resnet': its BatchNorm statistics "
+                              "are computed from the clients' data and would need noise too (a "
+                              "noised variance can turn negative); use 'mlp', 'cnn' or 'logreg'")
         if config.ggeur.enabled:
             raise ConfigError("privacy.enabled with ggeur.enabled: GGEUR's setup phase sends each "
                               "client's class statistics without noise; switch one of them off")
@@ -124,8 +135,15 @@ class ClientLevelDP(AddOn):
         p, clip, cohort = self.params, self.clip_norm, self.run.cohort
         denominator = cohort if self.run.sampling == "poisson" else len(result.clients)
         stddev = count_stddev(p, cohort)
-        sigma = update_noise_multiplier(p, stddev) * clip
-        rng = np.random.default_rng(derive_seed(self.run.seed, server_round, DP_STREAM))
+        sigma = update_noise_multiplier(p, stddev) * clip if denominator > 0 else 0.0
+        rng = np.random.default_rng(None if p.secure_randomness
+                                    else derive_seed(self.run.seed, server_round, DP_STREAM))
+        buffers = [n for n, a in current.items()
+                   if np.issubdtype(a.dtype, np.floating) and n not in self.run.param_names]
+        if buffers:
+            raise ConfigError(f"privacy.enabled: the model has float buffers ({', '.join(buffers[:3])}) "
+                              "computed from the clients' data, which client-level DP would have to "
+                              "noise; use a model without them (no BatchNorm)")
         if denominator > 0:
             total, count = result.sums.get("model"), result.weights.get("model", 0.0)
             mean = {}
@@ -139,9 +157,9 @@ class ClientLevelDP(AddOn):
             result.means["model"] = mean
         metrics = {"dp_clip_norm": clip, "dp_noise_std": sigma / max(denominator, 1),
                    "dp_epsilon": self.accountant.epsilon(server_round)}
-        if p.adaptive:
+        if p.adaptive and denominator > 0:
             within = sum(c.metrics["dp_within_clip"] - 0.5 for c in result.clients)
-            share = (within + rng.normal(0.0, stddev)) / cohort + 0.5
+            share = (within + rng.normal(0.0, stddev)) / denominator + 0.5
             self.state["clip_norm"] = np.array([clip * math.exp(-p.clip_lr * (share - p.target_quantile))])
             metrics["dp_unclipped_share"] = share
         return metrics
