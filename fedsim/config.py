@@ -267,6 +267,41 @@ class StrategySection(BaseModel):
         return dict(self.model_extra or {})
 
 
+class AttackSettings(Section):
+    """How adversarial examples are made (PGD in an eps-ball; FGSM is its one-step L-inf case)."""
+
+    steps: int = Field(10, ge=1, description="PGD steps")
+    step_size: float | None = Field(None, gt=0, description="PGD step (default: 2.5 eps / steps)")
+    norm: Literal["linf", "l2"] = "linf"
+    input_range: list[float] | None = Field(None, min_length=2, max_length=2, description="clip "
+                                            "adversarial inputs into [low, high] (e.g. [0, 1])")
+
+    def step_for(self, eps: float) -> float:
+        return self.step_size or 2.5 * eps / self.steps
+
+    @property
+    def box(self) -> tuple[float, float] | None:
+        return tuple(self.input_range) if self.input_range is not None else None
+
+
+class RobustSection(AttackSettings):
+    """Robust accuracy of the global model on the central test set, at every central evaluation."""
+
+    eps: list[float] = Field(default_factory=list, description="perturbation sizes (none: off)")
+    attacks: list[Literal["pgd", "fgsm"]] = Field(default_factory=lambda: ["pgd", "fgsm"])
+    examples: int = Field(1000, ge=1, description="test examples attacked (the first ones)")
+
+
+class FalSection(AttackSettings):
+    """Federated adversarial learning: clients train on PGD examples of their batches."""
+
+    enabled: bool = False
+    eps: float = Field(0.1, ge=0)
+    clean_share: float = Field(0.0, ge=0, le=1, description="weight of the clean examples' loss "
+                               "(the adversarial examples' is 1 - clean_share)")
+    random_start: bool = True
+
+
 class EvaluationSection(Section):
     every: int = Field(1, ge=1, description="central evaluation every N rounds (and the last)")
     client_fraction: float = Field(1.0, ge=0, le=1, description="clients evaluated locally")
@@ -281,6 +316,7 @@ class EvaluationSection(Section):
     fairness_data: Literal["train", "test"] = Field(
         "train", description="where clients count predictions per sensitive group for the fairness "
         "metrics and PID: their training data (as the PID paper's code) or local test splits")
+    robust: RobustSection = Field(default_factory=RobustSection)
 
 
 class EngineSection(Section):
@@ -336,6 +372,7 @@ class ExperimentConfig(Section):
     system: SystemSection = Field(default_factory=SystemSection)
     ggeur: GgeurSection = Field(default_factory=GgeurSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    fal: FalSection = Field(default_factory=FalSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     engine: EngineSection = Field(default_factory=EngineSection)

@@ -1,10 +1,14 @@
-"""Evaluation of a model on labelled data: mean cross-entropy loss and accuracy."""
+"""Evaluation of a model on labelled data: mean cross-entropy loss and accuracy, and accuracy
+under adversarial attacks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fedsim.attacks import fgsm, pgd
+from fedsim.config import RobustSection
 
 
 @torch.no_grad()
@@ -34,3 +38,28 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     labels = [model(x[start:start + batch_size]).argmax(dim=1) for start in range(0, len(x), batch_size)]
     model.train(was_training)
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: RobustSection,
+                    batch_size: int = 500) -> dict[str, float]:
+    """Accuracy under each attack and eps of `spec` on the first `spec.examples` rows, as
+    `robust_<attack>_accuracy_eps<eps>` (the model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    x, y = x[:spec.examples], y[:spec.examples]
+    out = {}
+    for eps in spec.eps:
+        for attack in spec.attacks:
+            correct = 0
+            for start in range(0, len(y), batch_size):
+                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                if attack == "fgsm":
+                    adv = fgsm(model, xb, yb, eps, spec.box)
+                else:
+                    adv = pgd(model, xb, yb, eps, spec.steps, spec.step_for(eps), spec.norm,
+                              input_range=spec.box)
+                with torch.no_grad():
+                    correct += (model(adv).argmax(dim=1) == yb).sum().item()
+            out[f"robust_{attack}_accuracy_eps{eps:g}"] = correct / len(y) if len(y) else float("nan")
+    model.train(was_training)
+    return out

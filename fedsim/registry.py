@@ -20,6 +20,7 @@ from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
 from fedsim.privacy.dp_fedavg import ClientLevelDP
 from fedsim.terms import ParityConstraint, ParityPenalty, Proximal
 from strategies.fairfed import FairFed
+from strategies.fal import Fal
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
 from strategies.fedld import FedLD, MarginControl
@@ -40,7 +41,7 @@ METHODS: dict[str, type[Method]] = {
 LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (
     MarginControl, ParityConstraint, ParityPenalty, Proximal)}
 # each switched on by `[<name>] enabled`; they run in this order (privacy last: it clips what is sent)
-ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur, ClientLevelDP.name: ClientLevelDP}
+ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur, Fal.name: Fal, ClientLevelDP.name: ClientLevelDP}
 
 
 def strategy_names() -> list[str]:

@@ -89,7 +89,7 @@ def central_evaluator(config: ExperimentConfig, roster: Roster
         raise FedsimError(f"the server's test file {source} has labels up to {int(y.max())} but "
                           f"the nodes' only up to {roster.num_classes - 1}")
     evaluator = CentralEvaluator(model, torch.as_tensor(x), torch.as_tensor(y), z,
-                                 roster.num_groups if z is not None else 0)
+                                 roster.num_groups if z is not None else 0, config.evaluation.robust)
     return evaluator, roster.input_shape, roster.num_classes
 
 

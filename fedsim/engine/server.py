@@ -10,12 +10,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fedsim.config import ExperimentConfig
+from fedsim.config import ExperimentConfig, RobustSection
 from fedsim.data.federation import Federation
 from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints
 from fedsim.engine.protocol import RECEIVED
 from fedsim.errors import RunFailed
-from fedsim.evaluation import evaluate, predict
+from fedsim.evaluation import evaluate, predict, robust_accuracy
 from fedsim.fairness.groups import group_confusion, parity_gaps
 from fedsim.method import Arrays, ClientResult, RoundResult
 from fedsim.models import build_model
@@ -58,6 +58,7 @@ class CentralEvaluator:
     y: torch.Tensor | None
     z: np.ndarray | None = None  # sensitive group of each test example
     num_groups: int = 0
+    robust: RobustSection | None = None  # evaluation.robust: accuracy under attack
 
     @classmethod
     def build(cls, config: ExperimentConfig, federation: Federation) -> CentralEvaluator:
@@ -67,7 +68,7 @@ class CentralEvaluator:
         dataset = getattr(federation, "dataset", None)
         z = dataset.sensitive_test if dataset is not None else None
         groups = len(dataset.sensitive_groups) if z is not None else 0
-        return cls(model, torch.as_tensor(x), torch.as_tensor(y), z, groups)
+        return cls(model, torch.as_tensor(x), torch.as_tensor(y), z, groups, config.evaluation.robust)
 
     def initial_arrays(self) -> Arrays:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
@@ -78,6 +79,8 @@ class CentralEvaluator:
         self.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
         metrics = evaluate(self.model, self.x, self.y)
         row = {"test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]}
+        if self.robust is not None and self.robust.eps:
+            row.update(robust_accuracy(self.model, self.x, self.y, self.robust))
         if self.z is not None:
             counts = group_confusion(self.y.numpy(), predict(self.model, self.x).numpy(), self.z,
                                      self.num_groups, int(self.y.max()) + 1)
