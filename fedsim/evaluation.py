@@ -43,11 +43,12 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: RobustSection,
                     batch_size: int = 500) -> dict[str, float]:
     """Accuracy under each attack and eps of `spec` on the first `spec.examples` rows, as
-    `robust_<attack>_accuracy_eps<eps>` (the model in eval mode)."""
+    `robust_<attack>_accuracy_eps<eps>`, and without attack on the same rows as
+    `robust_clean_accuracy` (the model in eval mode)."""
     was_training = model.training
     model.eval()
     x, y = x[:spec.examples], y[:spec.examples]
-    out = {}
+    out = {"robust_clean_accuracy": (predict(model, x) == y).float().mean().item() if len(y) else float("nan")}
     for eps in spec.eps:
         for attack in spec.attacks:
             correct = 0

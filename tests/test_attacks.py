@@ -13,6 +13,7 @@ from fedsim.attacks import fgsm, pgd
 from fedsim.config import ClientSection, FalSection, RobustSection
 from fedsim.evaluation import robust_accuracy
 from fedsim.method import Batch, ClientContext, TrainPlan
+from fedsim.report import build_report
 from strategies.fal import AdversarialLoss
 
 QUICKSTART = "experiments/quickstart.toml"
@@ -88,6 +89,7 @@ def test_robust_accuracy_falls_with_eps_and_pgd_is_at_least_as_strong_as_fgsm(tr
         assert curve == sorted(curve, reverse=True) and curve[-1] < curve[0] - 0.2
     clean = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy["robust_pgd_accuracy_eps0"] == pytest.approx(clean)
+    assert accuracy["robust_clean_accuracy"] == pytest.approx(clean)
     for e in spec.eps[1:]:
         assert accuracy[f"robust_pgd_accuracy_eps{e:g}"] <= accuracy[f"robust_fgsm_accuracy_eps{e:g}"]
     fgsm_by_hand = (model(fgsm(model, x, y, 0.1, (0.0, 1.0))).argmax(1) == y).float().mean().item()
@@ -115,6 +117,9 @@ def test_fal_beside_fedavg_reports_robust_accuracy_and_raises_it(tmp_path):
                  f"output.dir={tmp_path / 'fal'}")
     a, b = (pd.read_parquet(s.run_dir / "rounds.parquet").iloc[-1] for s in (plain, robust))
     columns = [c for c in a.index if "robust" in c]
-    assert columns == ["robust_pgd_accuracy_eps0.1", "robust_fgsm_accuracy_eps0.1"]
+    assert columns == ["robust_clean_accuracy", "robust_pgd_accuracy_eps0.1", "robust_fgsm_accuracy_eps0.1"]
     assert b["robust_pgd_accuracy_eps0.1"] > a["robust_pgd_accuracy_eps0.1"]
     assert b["test_accuracy"] > 0.8
+    page = build_report([plain.run_dir, robust.run_dir], tmp_path / "report.html").read_text()
+    assert "Robustness and accuracy" in page
+    assert "fedavg (PGD)" in page and "fedavg (FGSM)" in page

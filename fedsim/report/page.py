@@ -24,6 +24,7 @@ from fedsim.report.plots import (
     frontier_svg,
     heterogeneity_svg,
     levels_of,
+    robustness_svg,
     variants_of,
 )
 from fedsim.report.published import load_published, with_published
@@ -101,6 +102,13 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
     if hetero:
         sections.append("<h2>The federations</h2><p>Label counts per client (first seed of each level, "
                         f"at most 100 clients) and client sizes.</p><figure>{hetero}</figure>")
+    robustness = robustness_svg(runs)
+    if robustness:
+        sections.append("<h2>Robustness and accuracy</h2><p>Accuracy of each variant's final global "
+                        "model on the first evaluation.robust.examples examples of the central test set "
+                        "under attacks of growing size (eps 0: the same examples unattacked); mean over "
+                        f"seeds, bars from min to max.</p><figure>{robustness}"
+                        "</figure>")
     if any("decomp_local" in r.rounds for r in runs):
         sections.append("<h2>Loss decomposition</h2><p>F(aggregate) = local + distribution shift + "
                         "aggregation loss, on the clients' training data, at each evaluation round.</p>"

@@ -120,6 +120,53 @@ def heterogeneity_svg(runs: list[RunRecord]) -> str | None:
     return _svg(fig)
 
 
+ROBUST_COLUMN = re.compile(r"robust_(?P<attack>[a-z0-9]+)_accuracy_eps(?P<eps>[0-9.e+-]+)$")
+
+
+def final_value(run: RunRecord, column: str) -> float:
+    """A run's last recorded value of a per-round metric (NaN when it never recorded one)."""
+    if column not in run.rounds:
+        return float("nan")
+    values = run.rounds[column].dropna()
+    return float(values.iloc[-1]) if len(values) else float("nan")
+
+
+def robustness_svg(runs: list[RunRecord]) -> str | None:
+    """Per level: the final global model's accuracy against the attack size eps, one line per
+    variant and attack (PGD solid, FGSM dashed; eps 0: the same examples unattacked), mean over
+    seeds with min-max bars."""
+    columns = sorted({c for r in runs for c in r.rounds.columns if ROBUST_COLUMN.match(c)})
+    if not columns:
+        return None
+    plt = _pyplot()
+    levels, variants = levels_of(runs), variants_of(runs)
+    attacks = sorted({ROBUST_COLUMN.match(c)["attack"] for c in columns})
+    styles = {attack: ["-", "--", ":", "-."][i % 4] for i, attack in enumerate(attacks)}
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.8 * len(levels), 3.0), squeeze=False, sharey=True)
+    for col, level in enumerate(levels):
+        ax = axes[0][col]
+        for i, variant in enumerate(variants):
+            members = [r for r in runs if r.level == level and r.variant == variant]
+            for attack in attacks:
+                points = sorted((float(ROBUST_COLUMN.match(c)["eps"]), c) for c in columns
+                                if ROBUST_COLUMN.match(c)["attack"] == attack)
+                curve = [(0.0, "robust_clean_accuracy"), *points]
+                values = np.array([[final_value(r, c) for _, c in curve] for r in members])
+                if not len(values) or np.isnan(values[:, 1:]).all():
+                    continue
+                eps = [e for e, _ in curve]
+                mean = np.nanmean(values, axis=0)
+                spread = [mean - np.nanmin(values, axis=0), np.nanmax(values, axis=0) - mean]
+                ax.errorbar(eps, mean, yerr=spread, color=f"C{i}", ls=styles[attack], marker="o",
+                            ms=3, lw=1.3, capsize=2, label=f"{variant} ({attack.upper()})")
+        ax.set_title(level or "all runs")
+        ax.set_xlabel("attack size eps")
+    axes[0][0].set_ylabel("test accuracy under attack")
+    axes[0][-1].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return _svg(fig)
+
+
 DECOMPOSITION = [("decomp_local", "local loss"), ("decomp_shift", "shift loss"),
                  ("decomp_aggregation", "aggregation loss")]
 FAIRNESS = [("fair_global_sp_gap", "global SP gap"), ("fair_local_sp_gap_mean", "local SP gap (mean)"),
