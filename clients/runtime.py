@@ -65,7 +65,9 @@ class Resident:
             test = torch.as_tensor(fed.test_idx[client_id], device=self.device)
             groups = [None if z is None else torch.as_tensor(z, device=self.device)
                       for z in fed.client_groups(client_id)]
-            return LocalData(x[train], y[train], x[test], y[test], *groups)
+            unlabeled = None if fed.unlabeled_idx is None else x[
+                torch.as_tensor(fed.unlabeled_idx[client_id], device=self.device)]
+            return LocalData(x[train], y[train], x[test], y[test], *groups, x_unlabeled=unlabeled)
         return LocalData.from_arrays(fed.client_data(client_id), self.device)
 
     def new_model(self) -> nn.Module:

@@ -109,6 +109,29 @@ class HFSection(Section):
                                                     "(RGB); auto: as the first image")
 
 
+class LabelsSection(Section):
+    """Clients with few labels: each keeps only a share of its training labels; the rest of its
+    training examples are unlabelled (they reach training code without labels)."""
+
+    fraction: float = Field(1.0, gt=0, le=1, description="labelled share of each client's training data")
+    fraction_max: float | None = Field(None, gt=0, le=1, description="draw each client's share "
+                                       "uniformly from [fraction, fraction_max] instead")
+    stratified: bool = Field(True, description="label the same share of every class a client "
+                             "holds (at least one example each); false: a uniform random subset")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LabelsSection:
+        if self.fraction_max is not None and self.fraction_max < self.fraction:
+            raise ValueError(f"data.labels.fraction_max = {self.fraction_max} is below "
+                             f"data.labels.fraction = {self.fraction}: set fraction <= fraction_max")
+        return self
+
+    @property
+    def partial(self) -> bool:
+        """Whether some training labels are hidden."""
+        return self.fraction < 1 or (self.fraction_max is not None and self.fraction_max < 1)
+
+
 class DataSection(Section):
     dataset: str = "digits"
     num_clients: int = Field(20, ge=1)
@@ -125,6 +148,7 @@ class DataSection(Section):
     warmup: WarmupSection = Field(default_factory=WarmupSection)
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
     hf: HFSection = Field(default_factory=HFSection)
+    labels: LabelsSection = Field(default_factory=LabelsSection)
     memory_map: bool = Field(True, description="decode large datasets once into the cache and "
                              "memory-map them, so processes share one copy")
     holdout: float = Field(0.0, ge=0, lt=1, description="share of the training set kept out of "

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedsim.config import DataSection
+from fedsim.config import DataSection, LabelsSection
 from fedsim.data.arrays import ArrayDataset, stratified_split_indices
 from fedsim.data.embedding import embed
 from fedsim.data.features import apply_feature_skew
@@ -26,16 +26,19 @@ class ClientData:
     y_test: np.ndarray
     z_train: np.ndarray | None = None  # sensitive group per example, when the dataset has one
     z_test: np.ndarray | None = None
+    x_unlabeled: np.ndarray | None = None  # training inputs whose labels are hidden (data.labels)
 
 
 class IndexedFederation:
     """Clients as index arrays into one dataset's training arrays (held once per process)."""
 
     def __init__(self, dataset: ArrayDataset, train_idx: list[np.ndarray],
-                 test_idx: list[np.ndarray], test_domain: np.ndarray | None = None) -> None:
+                 test_idx: list[np.ndarray], test_domain: np.ndarray | None = None,
+                 unlabeled_idx: list[np.ndarray] | None = None) -> None:
         self.dataset = dataset
-        self.train_idx = train_idx
+        self.train_idx = train_idx  # the labelled training rows of each client
         self.test_idx = test_idx
+        self.unlabeled_idx = unlabeled_idx  # its training rows without labels (data.labels), or None
         self.test_domain = test_domain  # feature skew: the domain of each global test example
         self.num_clients = len(train_idx)
         self.num_classes = dataset.num_classes
@@ -45,7 +48,14 @@ class IndexedFederation:
     def client_data(self, client_id: int) -> ClientData:
         x, y = self.dataset.x_train, self.dataset.y_train
         train, test = self.train_idx[client_id], self.test_idx[client_id]
-        return ClientData(x[train], y[train], x[test], y[test], *self.client_groups(client_id))
+        unlabeled = None if self.unlabeled_idx is None else x[self.unlabeled_idx[client_id]]
+        return ClientData(x[train], y[train], x[test], y[test], *self.client_groups(client_id),
+                          x_unlabeled=unlabeled)
+
+    def hidden_labels(self, client_id: int) -> np.ndarray | None:
+        """The true labels of the client's unlabelled rows, which only the simulator reads (to
+        score pseudo-labels); training code never receives them."""
+        return None if self.unlabeled_idx is None else self.dataset.y_train[self.unlabeled_idx[client_id]]
 
     def client_groups(self, client_id: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The sensitive group of each of the client's (train, test) examples, or (None, None)."""
@@ -114,6 +124,30 @@ def holdout_split(dataset: ArrayDataset, fraction: float) -> tuple[ArrayDataset,
     return training_rows(dataset, kept), training_rows(dataset, held)
 
 
+LABELS_STREAM = 0x1ABE1
+
+
+def hide_labels(train_idx: list[np.ndarray], labels: np.ndarray, spec: LabelsSection,
+                seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each client's training rows split into (labelled, unlabelled) as `data.labels` says: a share
+    per client (fixed, or uniform in [fraction, fraction_max]), stratified by class or not; every
+    client keeps at least one labelled row."""
+    rng = np.random.default_rng([seed, LABELS_STREAM])
+    high = spec.fraction_max if spec.fraction_max is not None else spec.fraction
+    labelled, unlabelled = [], []
+    for rows in train_idx:
+        share = rng.uniform(spec.fraction, high) if high > spec.fraction else spec.fraction
+        if spec.stratified:
+            keep, hide = stratified_split_indices(labels[rows], 1.0 - share, rng)
+        else:
+            order = rng.permutation(len(rows))
+            count = min(len(rows), max(1, int(round(share * len(rows)))))
+            keep, hide = np.sort(order[:count]), np.sort(order[count:])
+        labelled.append(rows[keep])
+        unlabelled.append(rows[hide])
+    return labelled, unlabelled
+
+
 def _build(spec: DataSection, seed: int) -> Federation:
     if spec.dataset == "synthetic":
         if spec.partition.kind != "natural":
@@ -121,6 +155,9 @@ def _build(spec: DataSection, seed: int) -> Federation:
         if spec.features.kind != "none":
             raise DataError("synthetic data has its own feature skew (data.synthetic.beta); "
                             "set data.features.kind = 'none'")
+        if spec.labels.partial:
+            raise DataError("data.labels hides labels of datasets held as arrays; synthetic "
+                            "clients generate theirs: set data.labels.fraction = 1")
         clients = SyntheticClients(spec.synthetic, spec.num_clients, seed)
         return NaturalFederation(clients, spec.client_test_fraction, spec.synthetic.eval_clients)
     from fedsim.data.partition import partition_labels  # flwr-datasets is slow to import; only
@@ -139,10 +176,13 @@ def _build(spec: DataSection, seed: int) -> Federation:
             dataset.y_train[part], spec.client_test_fraction, rng)
         train_idx.append(part[local_train])
         test_idx.append(part[local_test])
+    unlabeled_idx = None
+    if spec.labels.partial:
+        train_idx, unlabeled_idx = hide_labels(train_idx, dataset.y_train, spec.labels, seed)
     test_domain = None
     if spec.features.kind != "none":
         dataset, test_domain = apply_feature_skew(dataset, parts, spec.features, seed)
-    return IndexedFederation(embed(dataset, spec.embedding), train_idx, test_idx, test_domain)
+    return IndexedFederation(embed(dataset, spec.embedding), train_idx, test_idx, test_domain, unlabeled_idx)
 
 
 @lru_cache(maxsize=4)
