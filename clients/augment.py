@@ -1,5 +1,6 @@
 """Train-time image augmentation on the worker's device: random crop (zero padding of 4, then a
-random window of the original size) and random horizontal flip, the standard CIFAR recipe.
+random window of the original size) and random horizontal flip, the standard CIFAR recipe, and
+cutout (a zeroed square of half the image's side at a random centre, as FixMatch's strong view).
 
 The random choices are a counter-based hash of (client seed, local step, position in the batch)
 instead of a generator's stream, so one-by-one and vectorized training draw the same crops and
@@ -29,7 +30,7 @@ def draw_keys(seeds: torch.Tensor, step: int, batch: int) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, keys: torch.Tensor, kinds: list[str]) -> torch.Tensor:
-    """`images` (N, C, H, W) cropped and/or flipped per example as `keys` (N,) decide."""
+    """`images` (N, C, H, W) cropped, flipped and/or cut out per example as `keys` (N,) decide."""
     if "flip" in kinds:
         flip = (_mix(keys) & 1).bool()
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
@@ -42,4 +43,12 @@ def augment(images: torch.Tensor, keys: torch.Tensor, kinds: list[str]) -> torch
         cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, :]
         images = padded[torch.arange(n, device=images.device)[:, None, None], :, rows, cols]
         images = images.permute(0, 3, 1, 2)
+    if "cutout" in kinds:
+        _, _, height, width = images.shape
+        mixed = _mix(_mix(_mix(_mix(keys))))
+        cy, cx = mixed % height, _mix(mixed) % width
+        rows = (torch.arange(height, device=images.device)[None, :] - cy[:, None]).abs() < height // 4 + 1
+        cols = (torch.arange(width, device=images.device)[None, :] - cx[:, None]).abs() < width // 4 + 1
+        hole = rows[:, :, None] & cols[:, None, :]
+        images = images.masked_fill(hole[:, None], 0.0)
     return images

@@ -240,6 +240,7 @@ class Worker:
         contexts = self.contexts(index, global_arrays)
         data = res.client_data(client.client_id)
         for component, ctx in zip(self.components, contexts, strict=True):
+            ctx.unlabeled = data.x_unlabeled
             data = component.training_data(ctx, data)
         before = global_model_report(res, data) if self.method.evaluates_global else {}
         if self.task.evaluate_first:
@@ -260,6 +261,9 @@ class Worker:
             update = component.after_training(ctx, model)
             outputs.update(update.outputs)
             metrics.update(update.metrics)
+            if update.pseudo_labels is not None:
+                metrics.update(score_pseudo_labels(self.res.federation, client.client_id,
+                                                   *update.pseudo_labels))
         return ClientResult(client.client_id, metrics, outputs, self.store.saved(client.client_id))
 
     def train_one(self, index: int, global_arrays: dict[str, torch.Tensor],
@@ -353,6 +357,18 @@ class Worker:
                 failures[self.task.clients[index].client_id] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
         return outcomes
+
+
+def score_pseudo_labels(federation: Any, client_id: int, rows: np.ndarray,
+                        labels: np.ndarray) -> dict[str, float]:
+    """How many of the pseudo-labels a client gave were right (`pseudo_correct`), from the hidden
+    labels only the simulator holds; nothing where they are unknown (a deployed node)."""
+    hidden = getattr(federation, "hidden_labels", None)
+    truth = hidden(client_id) if hidden is not None else None
+    if truth is None:
+        return {}
+    given = labels >= 0
+    return {"pseudo_correct": float((truth[rows[given]] == labels[given]).sum())}
 
 
 def run_train(content: RecordDict, host: Host = SIMULATION) -> RecordDict:

@@ -326,6 +326,31 @@ class FalSection(AttackSettings):
     random_start: bool = True
 
 
+class FedLabelSection(Section):
+    """Semi-supervised clients (needs data.labels): pseudo-labels for the unlabelled data from the
+    more confident of the local and the global model, and their consistency (FedLabel);
+    `teacher = "global"` with `consistency = 0` is FedAvg + FixMatch with the global model."""
+
+    enabled: bool = False
+    teacher: Literal["select", "global", "local"] = Field(
+        "select", description="who pseudo-labels: per example the more confident of the local and "
+        "the global model (FedLabel), always the global, or always the local model")
+    threshold: float = Field(0.95, ge=0, le=1, description="keep a pseudo-label when its "
+                             "teacher's softmax confidence reaches this")
+    unlabeled_weight: float = Field(1.0, ge=0, description="weight of the pseudo-label loss")
+    consistency: float = Field(1.0, ge=0, description="weight of the global-local consistency "
+                               "KL(local || trained) on examples both models label alike")
+    unlabeled_ratio: int = Field(7, ge=1, description="unlabelled examples per labelled one in a "
+                                 "step (FixMatch's mu)")
+    weak: list[Literal["flip", "crop", "noise"]] | None = Field(
+        None, description="augmentation of the teacher's view (default: flip and crop for "
+        "images, noise for other inputs)")
+    strong: list[Literal["flip", "crop", "cutout", "noise"]] | None = Field(
+        None, description="augmentation of the trained model's view (default: flip, crop and "
+        "cutout for images, noise for other inputs)")
+    noise_std: float = Field(0.1, ge=0, description="std of the 'noise' augmentation (strong: twice it)")
+
+
 class EvaluationSection(Section):
     every: int = Field(1, ge=1, description="central evaluation every N rounds (and the last)")
     client_fraction: float = Field(1.0, ge=0, le=1, description="clients evaluated locally")
@@ -397,6 +422,7 @@ class ExperimentConfig(Section):
     ggeur: GgeurSection = Field(default_factory=GgeurSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     fal: FalSection = Field(default_factory=FalSection)
+    fedlabel: FedLabelSection = Field(default_factory=FedLabelSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     engine: EngineSection = Field(default_factory=EngineSection)

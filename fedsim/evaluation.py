@@ -48,7 +48,8 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Ro
     was_training = model.training
     model.eval()
     x, y = x[:spec.examples], y[:spec.examples]
-    out = {"robust_clean_accuracy": (predict(model, x) == y).float().mean().item() if len(y) else float("nan")}
+    clean = (predict(model, x) == y).float().mean().item() if len(y) else float("nan")
+    out = {"robust_clean_accuracy": clean}
     for eps in spec.eps:
         for attack in spec.attacks:
             correct = 0

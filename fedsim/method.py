@@ -79,6 +79,7 @@ class ClientContext:
     model_factory: Callable[[], nn.Module] | None = None  # a fresh model of the run's architecture
     cache: dict[Any, Any] = field(default_factory=dict)  # per-process scratch for work that depends
     # only on its inputs (a speed-up in simulation; empty for every message when deployed)
+    unlabeled: torch.Tensor | None = None  # the client's training inputs without labels (data.labels)
 
 
 @dataclass
@@ -118,6 +119,9 @@ class ClientUpdate:
 
     outputs: dict[str, Arrays] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    pseudo_labels: tuple[np.ndarray, np.ndarray] | None = None  # (rows of ctx.unlabeled, the
+    # label given to each, -1 for none): the simulator scores them against the hidden labels
+    # (`pseudo_correct`) and sends only the score, never the labels
 
 
 @dataclass

@@ -23,6 +23,7 @@ from strategies.fairfed import FairFed
 from strategies.fal import Fal
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
+from strategies.fedlabel import FedLabel
 from strategies.fedld import FedLD, MarginControl
 from strategies.fednova import FedNova
 from strategies.fedopt import FedAdam, FedYogi
@@ -41,7 +42,8 @@ METHODS: dict[str, type[Method]] = {
 LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (
     MarginControl, ParityConstraint, ParityPenalty, Proximal)}
 # each switched on by `[<name>] enabled`; they run in this order (privacy last: it clips what is sent)
-ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur, Fal.name: Fal, ClientLevelDP.name: ClientLevelDP}
+ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur, Fal.name: Fal, FedLabel.name: FedLabel,
+                                   ClientLevelDP.name: ClientLevelDP}
 
 
 def strategy_names() -> list[str]:

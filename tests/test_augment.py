@@ -53,3 +53,20 @@ def test_augmenting_non_images_is_refused(tmp_path):
                                 "engine.backend=inprocess", f"output.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="client.augment .* needs images"):
         run_experiment(config)
+
+
+def test_cutout_zeroes_one_square_around_a_random_centre():
+    images = torch.ones(64, 1, 28, 28)
+    keys = draw_keys(torch.tensor(5), 0, 64)
+    out = augment(images, keys, ["cutout"])
+    centres = set()
+    for image in out[:, 0]:
+        rows, cols = torch.nonzero(image == 0, as_tuple=True)
+        height = int(rows.max() - rows.min()) + 1
+        width = int(cols.max() - cols.min()) + 1
+        assert len(rows) == height * width  # one rectangle, clipped at the border
+        assert height <= 15 and width <= 15
+        assert (height == 15 or rows.min() == 0 or rows.max() == 27)
+        centres.add((int(rows.float().mean()), int(cols.float().mean())))
+    assert len(centres) > 30  # the centres vary with the key
+    torch.testing.assert_close(augment(images, keys, ["cutout"]), out)  # a pure function of the keys

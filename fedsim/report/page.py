@@ -19,10 +19,12 @@ from fedsim.config import flat_keys
 from fedsim.report.plots import (
     DECOMPOSITION,
     FAIRNESS,
+    PSEUDO_LABELS,
     client_boxes_svg,
     curves_svg,
     frontier_svg,
     heterogeneity_svg,
+    labels_svg,
     levels_of,
     robustness_svg,
     variants_of,
@@ -102,6 +104,17 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
     if hetero:
         sections.append("<h2>The federations</h2><p>Label counts per client (first seed of each level, "
                         f"at most 100 clients) and client sizes.</p><figure>{hetero}</figure>")
+    labels = labels_svg(runs)
+    if labels:
+        sections.append("<h2>Accuracy and labels</h2><p>Final test accuracy against the share of "
+                        "each client's training data that is labelled (data.labels.fraction); mean "
+                        f"over seeds, bars from min to max.</p><figure>{labels}</figure>")
+    if any("pseudo_label_accuracy" in r.rounds for r in runs):
+        sections.append("<h2>Pseudo-labels per round</h2><p>Over all clients of a round: the share "
+                        "of the pseudo-labels given that are right (scored against the labels the "
+                        "clients never see), the share of unlabelled examples drawn that got one "
+                        "(above the confidence threshold), and the share the local model gave.</p>"
+                        f"<figure>{curves_svg(runs, PSEUDO_LABELS)}</figure>")
     robustness = robustness_svg(runs)
     if robustness:
         sections.append("<h2>Robustness and accuracy</h2><p>Accuracy of each variant's final global "

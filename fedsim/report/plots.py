@@ -167,6 +167,43 @@ def robustness_svg(runs: list[RunRecord]) -> str | None:
     return _svg(fig)
 
 
+def labelled_fraction(run: RunRecord) -> float:
+    """A run's share of labelled training data (`data.labels.fraction`; 1 without the section)."""
+    return float(run.config.get("data", {}).get("labels", {}).get("fraction", 1.0))
+
+
+def labels_svg(runs: list[RunRecord]) -> str | None:
+    """Final test accuracy against the labelled share, one line per variant (mean over seeds,
+    min-max bars); None unless the runs span at least two shares."""
+    fractions = sorted({labelled_fraction(r) for r in runs})
+    if len(fractions) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.4, 3.0))
+    for i, variant in enumerate(variants_of(runs)):
+        points = []
+        for fraction in fractions:
+            finals = [r.summary["final_accuracy"] for r in runs
+                      if r.variant == variant and labelled_fraction(r) == fraction]
+            if finals:
+                points.append((fraction, np.mean(finals), np.min(finals), np.max(finals)))
+        if points:
+            x, mean, low, high = map(np.array, zip(*points, strict=True))
+            ax.errorbar(x, mean, yerr=[mean - low, high - mean], color=f"C{i}", marker="o", ms=3,
+                        lw=1.3, capsize=2, label=variant)
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled share of the training data")
+    ax.set_ylabel("final test accuracy")
+    ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return _svg(fig)
+
+
+PSEUDO_LABELS = [("pseudo_label_accuracy", "pseudo-label accuracy"),
+                 ("pseudo_label_coverage", "pseudo-label coverage"),
+                 ("pseudo_local_share", "share from the local model")]
 DECOMPOSITION = [("decomp_local", "local loss"), ("decomp_shift", "shift loss"),
                  ("decomp_aggregation", "aggregation loss")]
 FAIRNESS = [("fair_global_sp_gap", "global SP gap"), ("fair_local_sp_gap_mean", "local SP gap (mean)"),
