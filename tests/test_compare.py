@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from fedsim.compare import load_comparison, run_comparison
+from fedsim.config import load_config
 from fedsim.errors import ConfigError
+from fedsim.registry import check_config
 from fedsim.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +160,15 @@ def test_published_numbers_are_checked_before_any_cell_runs(tmp_path):
         load_comparison(write_spec(tmp_path, SPEC + PUBLISHED.replace('"fedavg"', '"fedyogi"')))
     with pytest.raises(ConfigError, match="compare.published.*not a summary column"):
         load_comparison(write_spec(tmp_path, SPEC + PUBLISHED.replace('source', 'metric = "acc"\nsource')))
+
+
+@pytest.mark.parametrize("spec", sorted(ROOT.glob("experiments/**/*.toml")), ids=lambda p: p.stem)
+def test_every_experiment_spec_validates(spec, tmp_path):
+    """Each shipped spec passes every check a run makes before it starts (each cell of a
+    comparison)."""
+    overrides = [f"output.dir={tmp_path}"]
+    if "[compare" in spec.read_text():
+        _, cells = load_comparison(spec, overrides)
+        assert cells
+    else:
+        check_config(load_config(spec, overrides))
