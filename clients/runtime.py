@@ -257,7 +257,7 @@ class Worker:
         model = self.res.model
         outputs = {"model": {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}}
         for component, ctx in zip(self.components, client.contexts, strict=True):
-            ctx.steps = int(metrics["steps"])
+            ctx.steps, ctx.num_examples = int(metrics["steps"]), int(metrics["num_examples"])
             update = component.after_training(ctx, model)
             outputs.update(update.outputs)
             metrics.update(update.metrics)

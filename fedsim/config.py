@@ -327,24 +327,27 @@ class FalSection(AttackSettings):
 
 
 class FedLabelSection(Section):
-    """Semi-supervised clients (needs data.labels): pseudo-labels for the unlabelled data from the
-    more confident of the local and the global model, and their consistency (FedLabel);
-    `teacher = "global"` with `consistency = 0` is FedAvg + FixMatch with the global model."""
+    """Semi-supervised clients (needs data.labels): a local expert trained on the labelled data, a
+    model trained on pseudo-labels from the more expert of it and the global model, and the sum of
+    both updates (FedLabel); `teacher = "global"` with `consistency = 0` is FedAvg + FixMatch with
+    the global model."""
 
     enabled: bool = False
     teacher: Literal["select", "global", "local"] = Field(
-        "select", description="who pseudo-labels: per example the more confident of the local and "
-        "the global model (FedLabel), always the global, or always the local model")
-    threshold: float = Field(0.95, ge=0, le=1, description="keep a pseudo-label when its "
-                             "teacher's softmax confidence reaches this")
+        "select", description="who pseudo-labels: per example the more confident of the local expert "
+        "and the global model (FedLabel), always the global, or always the local expert")
+    confidence: Literal["variance", "max"] = Field(
+        "variance", description="how confident an output is: the variance of its softmax vector "
+        "(the paper's) or its maximum probability")
+    threshold: float = Field(0.5, ge=0, le=1, description="keep a pseudo-label when its expert's "
+                             "maximum softmax probability reaches this")
     unlabeled_weight: float = Field(1.0, ge=0, description="weight of the pseudo-label loss")
-    consistency: float = Field(1.0, ge=0, description="weight of the global-local consistency "
-                               "KL(local || trained) on examples both models label alike")
+    consistency: float = Field(1.0, ge=0, description="weight lambda_0 of the global-local "
+                               "consistency KL(trained || other model) on kept examples both label alike")
     unlabeled_ratio: int = Field(7, ge=1, description="unlabelled examples per labelled one in a "
-                                 "step (FixMatch's mu)")
+                                 "step of the unlabelled model (FixMatch's mu)")
     weak: list[Literal["flip", "crop", "noise"]] | None = Field(
-        None, description="augmentation of the teacher's view (default: flip and crop for "
-        "images, noise for other inputs)")
+        None, description="augmentation of the teachers' view (default: none, as the paper's)")
     strong: list[Literal["flip", "crop", "cutout", "noise"]] | None = Field(
         None, description="augmentation of the trained model's view (default: flip, crop and "
         "cutout for images, noise for other inputs)")

@@ -76,6 +76,7 @@ class ClientContext:
     seed: int = 0  # the experiment's seed
     num_classes: int = 0
     steps: int = 0  # local steps taken, known after training
+    num_examples: int = 0  # the examples it trained on (labelled), known after training
     model_factory: Callable[[], nn.Module] | None = None  # a fresh model of the run's architecture
     cache: dict[Any, Any] = field(default_factory=dict)  # per-process scratch for work that depends
     # only on its inputs (a speed-up in simulation; empty for every message when deployed)

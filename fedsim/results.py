@@ -27,16 +27,21 @@ SUMMARY_FILE = "summary.json"  # written last: its presence marks a finished run
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
-    """`output.run_dir` if set, else `output.dir/<name>-<timestamp>-s<seed>` (made unique)."""
+    """`output.run_dir` if set, else `output.dir/<name>-<timestamp>-s<seed>`, made unique and
+    created here (so two runs started in the same second never share a directory)."""
     if config.output.run_dir is not None:
         return config.output.run_dir
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = config.output.dir / f"{config.experiment.name}-{stamp}-s{config.experiment.seed}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
 
 
 def with_run_dir(config: ExperimentConfig) -> ExperimentConfig:

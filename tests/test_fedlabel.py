@@ -72,19 +72,26 @@ from clients.runtime import score_pseudo_labels  # noqa: E402
 from fedsim.api import run  # noqa: E402
 from fedsim.config import ClientSection, FedLabelSection  # noqa: E402
 from fedsim.data import federation as federation_module  # noqa: E402
-from fedsim.method import Batch, ClientContext, ClientResult, RoundResult, TrainPlan  # noqa: E402
-from strategies.fedlabel import FedLabel, PseudoLabelLoss, pseudo_labels  # noqa: E402
+from fedsim.method import ClientContext, ClientResult, RoundResult, TrainPlan  # noqa: E402
+from strategies.fedlabel import FedLabel, UnlabelledTraining, choose_experts  # noqa: E402
 
 
-def test_the_more_confident_model_labels_each_example():
-    p_global = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
-    p_local = torch.tensor([[0.3, 0.7], [0.1, 0.9], [0.4, 0.6]])
-    labels, confidence, local = pseudo_labels(p_global, p_local, "select")
-    assert labels.tolist() == [0, 1, 1] and local.tolist() == [False, True, False]
-    assert confidence.tolist() == pytest.approx([0.9, 0.9, 0.8])
-    assert pseudo_labels(p_global, p_local, "global")[0].tolist() == [0, 0, 1]
-    assert pseudo_labels(p_global, p_local, "local")[0].tolist() == [1, 1, 1]
-    assert pseudo_labels(p_global, None, "select")[2].tolist() == [False] * 3  # no local model yet
+def test_the_more_confident_model_is_the_expert_for_each_example():
+    p_global = torch.tensor([[0.9, 0.05, 0.05], [0.5, 0.5, 0.0], [0.4, 0.3, 0.3]])
+    p_local = torch.tensor([[0.6, 0.2, 0.2], [0.1, 0.1, 0.8], [0.45, 0.45, 0.1]])
+    variance = lambda p: ((p - p.mean(1, keepdim=True)) ** 2).mean(1)  # noqa: E731
+    use_local, expert, other, ratio = choose_experts(p_global, p_local, "select", "variance")
+    # row 2: the maxima prefer the global model (0.45 > 0.4) but the variances the local one
+    assert use_local.tolist() == [False, True, True]
+    torch.testing.assert_close(expert, torch.stack([p_global[0], p_local[1], p_local[2]]))
+    torch.testing.assert_close(other, torch.stack([p_local[0], p_global[1], p_global[2]]))
+    h_g, h_l = variance(p_global), variance(p_local)
+    torch.testing.assert_close(ratio, torch.stack([h_l[0] / h_g[0], h_g[1] / h_l[1], h_g[2] / h_l[2]]))
+    assert (ratio <= 1).all()  # the other model is never more confident than the expert
+    assert choose_experts(p_global, p_local, "select", "max")[0].tolist() == [False, True, True]
+    assert choose_experts(p_global[2:], p_local[2:], "select", "max")[0].tolist() == [True]
+    assert choose_experts(p_global, p_local, "global", "variance")[0].tolist() == [False] * 3
+    assert choose_experts(p_global, p_local, "local", "variance")[0].tolist() == [True] * 3
 
 
 def _teacher(seed):
@@ -94,40 +101,94 @@ def _teacher(seed):
     return model
 
 
+def _context(unlabeled, **client):
+    return ClientContext(3, 2, TrainPlan(), {}, {}, None, ClientSection(**client), 0.1, unlabeled=unlabeled)
+
+
 def test_the_unlabelled_loss_equals_the_hand_computed_one():
     torch.manual_seed(0)
     unlabeled = torch.randn(40, 4) * 3
     params = FedLabelSection(enabled=True, threshold=0.6, unlabeled_ratio=2, consistency=0.5,
                              unlabeled_weight=1.5, weak=[], strong=["noise"], noise_std=0.2)
-    ctx = ClientContext(3, 2, TrainPlan(), {}, {}, None, ClientSection(), 0.1, unlabeled=unlabeled)
     global_teacher, local_teacher, student = _teacher(1), _teacher(2), _teacher(3)
-    term = PseudoLabelLoss(params, ctx, global_teacher, local_teacher)
-    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    loss = term.penalty(student, Batch(x, student(x), y))
+    training = UnlabelledTraining(params, _context(unlabeled), global_teacher, local_teacher)
+    rows = training.next_rows(10)
+    assert len(set(rows.tolist())) == 10  # one reshuffled pass
+    loss = training.loss(student, rows)
 
-    rows = term.rows[0]
-    assert len(rows) == 10 and len(set(rows.tolist())) == 10  # mu * B rows of one reshuffled pass
+    generator = torch.Generator().manual_seed(training.generator.initial_seed())
+    torch.randperm(40, generator=generator)  # recompute the strong view's noise
     u = unlabeled[rows]
-    generator = torch.Generator().manual_seed(0)  # recompute the strong view's noise
-    generator.manual_seed(term.generator.initial_seed())
-    torch.randperm(40, generator=generator)
     strong = u + 0.4 * torch.randn(u.shape, generator=generator)
     p_g, p_l = torch.softmax(global_teacher(u), 1), torch.softmax(local_teacher(u), 1)
-    expected = 0.0
+    expected, kept = 0.0, 0
     for i in range(10):
-        use_local = p_l[i].max() > p_g[i].max()
-        p = p_l[i] if use_local else p_g[i]
-        if p.max() >= 0.6:
-            expected += 1.5 * F.cross_entropy(student(strong[i:i + 1]), p.argmax().view(1)).item() / 10
-            assert term.labels[0][i].item() == p.argmax().item()
-        else:
-            assert term.labels[0][i].item() == -1
-        if p_l[i].argmax() == p_g[i].argmax():
-            q = torch.log_softmax(student(u[i:i + 1]), 1)[0]
-            expected += 0.5 * (p_l[i] * (p_l[i].log() - q)).sum().item() / 10
+        h_g, h_l = p_g[i].var(unbiased=False), p_l[i].var(unbiased=False)
+        expert, other = (p_l[i], p_g[i]) if h_l > h_g else (p_g[i], p_l[i])
+        label = expert.argmax()
+        if expert.max() < 0.6:
+            assert training.labels[0][i].item() == -1
+            continue
+        kept += 1
+        assert training.labels[0][i].item() == label.item()
+        expected += 1.5 * F.cross_entropy(student(strong[i:i + 1]), label.view(1)).item() / 10
+        if other.argmax() == label:
+            q = torch.softmax(student(u[i:i + 1]), 1)[0]
+            weight = float(min(h_g, h_l) / max(h_g, h_l))
+            expected += 0.5 * weight * (q * (q.log() - other.log())).sum().item() / 10
+    assert 0 < kept < 10
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()  # the teachers stay frozen: only the trained model gets gradients
     assert student.weight.grad is not None and global_teacher.weight.grad is None
+
+
+def _after_training(params, local_expert, unlabeled):
+    """FedLabel's client half on a logistic-regression client whose local expert is given."""
+    global_model = _teacher(1)
+    ctx = _context(unlabeled, batch_size=4)
+    ctx.global_arrays = {k: v.clone() for k, v in global_model.state_dict().items()}
+    ctx.model_factory, ctx.steps, ctx.num_examples = lambda: nn.Linear(4, 3), 6, 9
+    return FedLabel(params).after_training(ctx, local_expert), ctx
+
+
+def test_a_client_sends_the_sum_of_the_local_expert_and_the_unlabelled_update():
+    torch.manual_seed(0)
+    unlabeled = torch.randn(30, 4) * 3
+    params = FedLabelSection(enabled=True, threshold=0.4, unlabeled_ratio=2, weak=[], strong=["noise"])
+    expert = _teacher(2)
+    expected_expert = {k: v.clone() for k, v in expert.state_dict().items()}
+    update, ctx = _after_training(params, expert, unlabeled)
+
+    student = _teacher(1)  # the unlabelled model, trained again from the global model
+    global_teacher, local_teacher = _teacher(1), _teacher(2)
+    UnlabelledTraining(params, ctx, global_teacher, local_teacher).train(student, 6, 4)
+    for name, w in ctx.global_arrays.items():
+        delta_l, delta_u = expected_expert[name] - w, student.state_dict()[name] - w
+        assert delta_u.abs().max() > 1e-3
+        np.testing.assert_allclose(update.outputs["model"][name], (w + delta_l + delta_u).numpy(), atol=1e-6)
+        torch.testing.assert_close(expert.state_dict()[name], w + delta_l + delta_u)  # what later add-ons see
+    assert update.metrics["pseudo_drawn"] == 6 * 2 * 4
+    assert 0 < update.metrics["pseudo_kept_examples"] <= 30
+    assert update.metrics["num_examples"] == 9 + update.metrics["pseudo_kept_examples"]
+
+
+def test_without_unlabelled_loss_a_client_sends_its_local_expert():
+    unlabeled = torch.randn(30, 4)
+    expert = _teacher(2)
+    before = {k: v.clone() for k, v in expert.state_dict().items()}
+    for params in (FedLabelSection(enabled=True, threshold=1.0, weak=[], strong=[]),  # nothing kept
+                   FedLabelSection(enabled=True, unlabeled_weight=0, consistency=0, weak=[], strong=[])):
+        update, _ = _after_training(params, expert, unlabeled)
+        for name, value in before.items():
+            np.testing.assert_allclose(update.outputs["model"][name], value.numpy(), atol=1e-7)
+
+
+def test_fedlabel_refuses_strategies_that_send_more_than_the_model():
+    from fedsim.registry import check_config
+
+    with pytest.raises(ConfigError, match="fedlabel: strategy 'scaffold'"):
+        check_config(load_config(None, ["fedlabel.enabled=true", "data.labels.fraction=0.2",
+                                        "strategy.name=scaffold"]))
 
 
 def test_pseudo_labels_are_scored_against_the_hidden_labels_and_pooled_per_round():
@@ -171,13 +232,13 @@ def _scrambled_hidden_labels(monkeypatch):
     monkeypatch.setattr(federation_module, "_build", scrambled)
 
 
-@pytest.mark.parametrize("teacher", ["select", "global"])
+@pytest.mark.parametrize("teacher", ["select", "local"])
 def test_training_never_reads_the_hidden_labels(tmp_path, monkeypatch, teacher):
     """The same run with every hidden label changed trains the same model; only the pseudo-label
     accuracy (which the simulator scores) sees the change."""
     spec = ["data.num_clients=4", "data.labels.fraction=0.2", "model.name=logreg", "experiment.rounds=3",
             "strategy.clients_per_round=4", "engine.backend=inprocess", "fedlabel.enabled=true",
-            f"fedlabel.teacher={teacher}", "fedlabel.threshold=0.15", "client.lr=0.5", "fedlabel.weak=[]",
+            f"fedlabel.teacher={teacher}", "fedlabel.threshold=0.3", "client.lr=0.5", "fedlabel.weak=[]",
             "fedlabel.strong=['cutout']", "client.local_steps=5", "output.save_model=false"]
     plain = run({}, *spec, f"output.dir={tmp_path / 'plain'}")
     _scrambled_hidden_labels(monkeypatch)
@@ -191,10 +252,8 @@ def test_training_never_reads_the_hidden_labels(tmp_path, monkeypatch, teacher):
     assert a["pseudo_label_coverage"].iloc[-1] > 0.1
     assert (b["pseudo_label_accuracy"].iloc[1:] != a["pseudo_label_accuracy"].iloc[1:]).all()
     assert a["pseudo_label_accuracy"].iloc[-1] > 0.4 > b["pseudo_label_accuracy"].iloc[-1]
-    if teacher == "global":
-        assert (a["pseudo_local_share"].dropna() == 0).all()
-    else:  # from round 2 on, clients have a local model, which labels some examples
-        assert a["pseudo_local_share"].iloc[2:].gt(0).all()
+    share = a["pseudo_local_share"].dropna()  # the local expert labels from the first round on
+    assert len(share) == 3 and ((share == 1).all() if teacher == "local" else share.between(0.5, 1).all())
 
 
 def test_the_report_plots_accuracy_against_labels_and_the_pseudo_labels(tmp_path):
@@ -211,3 +270,20 @@ def test_the_report_plots_accuracy_against_labels_and_the_pseudo_labels(tmp_path
     assert "20%" in page and "100%" in page  # the labelled shares on the axis
     from fedsim.report.runs import collect_runs
     assert sorted(labelled_fraction(r) for r in collect_runs([few.run_dir, full.run_dir])) == [0.2, 1.0]
+
+
+def test_the_local_expert_trains_alike_in_lockstep_and_one_by_one(tmp_path, monkeypatch):
+    """FedLabel adds no term to the labelled training, so it keeps the fast paths; the runs agree."""
+    calls = []
+    kernel = runtime.train_in_lockstep
+    monkeypatch.setattr(runtime, "train_in_lockstep", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    spec = ["data.num_clients=4", "data.labels.fraction=0.2", "model.name=mlp", "model.hidden=[16]",
+            "experiment.rounds=2", "strategy.clients_per_round=4", "engine.backend=inprocess",
+            "fedlabel.enabled=true", "fedlabel.threshold=0.2", "fedlabel.weak=[]", "fedlabel.strong=[]",
+            "client.local_steps=4", "client.lr=0.5", "output.save_model=false"]
+    tables = [pd.read_parquet(run({}, *spec, f"engine.lockstep={on}", f"output.dir={tmp_path / on}").run_dir
+                              / "rounds.parquet") for on in ("true", "false")]
+    for column in ("train_loss", "test_loss", "pseudo_label_coverage", "pseudo_local_share"):
+        np.testing.assert_allclose(tables[0][column], tables[1][column], rtol=1e-5, atol=1e-6)
+    assert tables[0]["pseudo_label_coverage"].iloc[-1] > 0
+    assert len(calls) == 4  # lockstep: 2 rounds x 2 workers

@@ -76,3 +76,16 @@ def test_partition_command_prints_statistics_and_writes_a_heatmap(tmp_path):
     assert "first 5" in text and "classes_per_client" in text and "label_tv_distance" in text
     assert "classes_per_client   2" in text
     assert out.stat().st_size > 1000
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedsim import results
+
+    monkeypatch.setattr(results.time, "strftime", lambda _: "20260101-000000")
+    config = load_config(None, [f"output.dir={tmp_path}"])
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: results.default_run_dir(config), range(16)))
+    assert len(set(dirs)) == 16 and all(d.is_dir() for d in dirs)
+    assert sorted(d.name for d in dirs)[0] == f"{config.experiment.name}-20260101-000000-s0"
