@@ -270,8 +270,15 @@ class Worker:
                   client: Prepared | None = None) -> ClientResult:
         """Client `index` trained alone (`client`: already prepared)."""
         client = client or self.prepare(index, global_arrays)
-        metrics = train_locally(self.res.model, client.data, self.config.client, client.terms, client.seed,
-                                self.config.client.lr, steps=client.contexts[0].plan.local_steps)
+        steps = client.contexts[0].plan.local_steps
+        trainers = [(c, ctx) for c, ctx in zip(self.components, client.contexts, strict=True)
+                    if c.replaces_training]
+        if trainers:
+            (trainer, ctx), = trainers
+            metrics = trainer.local_training(ctx, self.res.model, client.data, client.seed, steps)
+        else:
+            metrics = train_locally(self.res.model, client.data, self.config.client, client.terms,
+                                    client.seed, self.config.client.lr, steps=steps)
         return self.finish(client, metrics)
 
     def together(self, first: Prepared) -> str:
@@ -281,6 +288,9 @@ class Worker:
         'vectorize' (one torch.func program) or '' (one by one; when vectorizing was asked for,
         the reason is noted once)."""
         config = self.config
+        if replacing := [c.label() for c in self.components if c.replaces_training]:
+            self.notes.append(f"clients train one by one: {replacing[0]} trains each client itself")
+            return ""
         if config.engine.lockstep and lockstep_possible(config) and lockstep_proximal_mu(
                 [first.contexts[0].plan], [first.terms]) is not None:
             return "lockstep"

@@ -271,6 +271,22 @@ class PrivacySection(Section):
                                     "not reproducible)")
 
 
+class DpSgdSection(Section):
+    """Example-level differential privacy (DP-SGD, Abadi et al., 2016) on every client, through
+    Opacus: Poisson-sampled batches, per-example gradients clipped to an L2 norm, Gaussian noise on
+    their sum every step; epsilon at `delta` per client from an accountant, the largest reported."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, ge=0, description="noise std / clip norm on each step's "
+                                    "sum of clipped per-example gradients")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound of one example's gradient")
+    delta: float | None = Field(None, gt=0, lt=1, description="the epsilon reported is at this delta "
+                                "(default: 1 / n^1.1 for the largest client's n training examples)")
+    secure_randomness: bool = Field(False, description="seed the noise from the operating system's "
+                                    "entropy instead of the experiment seed (runs are then not "
+                                    "reproducible)")
+
+
 class StrategySection(BaseModel):
     """Strategy name, cohort size, and the strategy's own parameters (checked by the strategy)."""
 
@@ -424,6 +440,7 @@ class ExperimentConfig(Section):
     system: SystemSection = Field(default_factory=SystemSection)
     ggeur: GgeurSection = Field(default_factory=GgeurSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    dp_sgd: DpSgdSection = Field(default_factory=DpSgdSection)
     fal: FalSection = Field(default_factory=FalSection)
     fedlabel: FedLabelSection = Field(default_factory=FedLabelSection)
     strategy: StrategySection = Field(default_factory=StrategySection)

@@ -226,6 +226,17 @@ class Component:
         """After local training: extra outputs and metrics to send, state to keep in ctx.store."""
         return ClientUpdate()
 
+    def local_training(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
+                       steps: int | None) -> dict[str, float]:
+        """Train `model` in place instead of the shared loop (example-level DP-SGD does), returning
+        what `clients.training.train_locally` returns; components that do not override it leave
+        the shared loop (and training clients together) in place."""
+        raise NotImplementedError
+
+    @property
+    def replaces_training(self) -> bool:
+        return overrides(self, Component, "local_training")
+
     # ---- setup phase (once, before round 1) ---------------------------------------------------
     def client_setup(self, ctx: ClientContext, data: LocalData) -> Arrays:
         """What a client reports in the setup phase (GGEUR's class statistics)."""

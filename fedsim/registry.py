@@ -18,6 +18,7 @@ from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
 from fedsim.models import check_model
 from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
 from fedsim.privacy.dp_fedavg import ClientLevelDP
+from fedsim.privacy.dp_sgd import ExampleLevelDP
 from fedsim.terms import ParityConstraint, ParityPenalty, Proximal
 from strategies.fairfed import FairFed
 from strategies.fal import Fal
@@ -43,7 +44,7 @@ LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (
     MarginControl, ParityConstraint, ParityPenalty, Proximal)}
 # each switched on by `[<name>] enabled`; they run in this order (privacy last: it clips what is sent)
 ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur, Fal.name: Fal, FedLabel.name: FedLabel,
-                                   ClientLevelDP.name: ClientLevelDP}
+                                   ExampleLevelDP.name: ExampleLevelDP, ClientLevelDP.name: ClientLevelDP}
 
 
 def strategy_names() -> list[str]:
