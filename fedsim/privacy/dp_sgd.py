@@ -22,12 +22,10 @@ import copy
 import os
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 
@@ -36,9 +34,11 @@ from fedsim.config import DpSgdSection, ExperimentConfig
 from fedsim.data.tensors import LocalData
 from fedsim.errors import ConfigError
 from fedsim.method import AddOn, ClientContext, Method, RoundResult, RunInfo
-from fedsim.privacy.accountant import Accountant, ClientSampling
 from fedsim.seeding import derive_seed
 from fedsim.system import planned_steps
+
+if TYPE_CHECKING:
+    from fedsim.privacy.accountant import Accountant
 
 DP_SGD_STREAM = 0xD95D
 
@@ -97,7 +97,12 @@ class ExampleLevelDP(AddOn):
     def local_training(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
                        steps: int | None) -> dict[str, float]:
         """DP-SGD on a copy of `model` (Opacus' hooks stay off the resident model), then its
-        weights copied into `model`."""
+        weights copied into `model`. Opacus is imported here: it takes seconds, and a deployed
+        client starts a process for every message."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+
         started, p, settings = time.perf_counter(), self.params, ctx.settings
         n = len(data.y_train)
         steps = steps if steps is not None else planned_steps(n, settings)
@@ -141,6 +146,8 @@ class ExampleLevelDP(AddOn):
     # ---- server half ---------------------------------------------------------------------
     def client_epsilon(self, client_id: int) -> float:
         """Epsilon at the run's delta of client `client_id`'s examples after its steps so far."""
+        from fedsim.privacy.accountant import Accountant, ClientSampling
+
         n = int(self.run.client_sizes[client_id])
         if n not in self._accountants:
             examples = ClientSampling(n, min(n, self.run.settings.batch_size), "poisson")
