@@ -242,6 +242,9 @@ class Worker:
         for component, ctx in zip(self.components, contexts, strict=True):
             ctx.unlabeled = data.x_unlabeled
             data = component.training_data(ctx, data)
+        counts = torch.bincount(data.y_train, minlength=res.num_classes)
+        for ctx in contexts:
+            ctx.label_counts = counts
         before = global_model_report(res, data) if self.method.evaluates_global else {}
         if self.task.evaluate_first:
             local = local_evaluation(res, res.client_data(client.client_id),

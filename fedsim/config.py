@@ -372,6 +372,9 @@ class FedLabelSection(Section):
 
 class EvaluationSection(Section):
     every: int = Field(1, ge=1, description="central evaluation every N rounds (and the last)")
+    class_groups: bool | None = Field(None, description="central accuracy on the many / medium / few "
+                                      "classes of the training labels' long tail (default: on when "
+                                      "data.partition.imbalance > 1)")
     client_fraction: float = Field(1.0, ge=0, le=1, description="clients evaluated locally")
     client_every: int = Field(1, ge=1)
     with_training: bool = Field(False, description="clients evaluate the global model they receive "

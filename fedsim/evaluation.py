@@ -3,6 +3,7 @@ under adversarial attacks."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -38,6 +39,30 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     labels = [model(x[start:start + batch_size]).argmax(dim=1) for start in range(0, len(x), batch_size)]
     model.train(was_training)
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+CLASS_GROUPS = ("many", "medium", "few")
+
+
+def long_tail_groups(class_counts: np.ndarray) -> np.ndarray:
+    """Per class its group in the long tail (0 many, 1 medium, 2 few): classes ranked by training
+    count, the C // 3 largest many, the C // 3 smallest few, the rest medium (ties: lower class
+    index first)."""
+    order = np.argsort(-np.asarray(class_counts), kind="stable")
+    third = len(order) // 3
+    groups = np.ones(len(order), dtype=np.int64)
+    groups[order[:third]], groups[order[len(order) - third:]] = 0, 2
+    return groups
+
+
+def class_group_accuracy(predicted: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Accuracy over the test examples of each long-tail group, as `test_accuracy_<group>`."""
+    out = {}
+    for index, name in enumerate(CLASS_GROUPS):
+        rows = groups[y] == index
+        correct = predicted[rows] == y[rows]
+        out[f"test_accuracy_{name}"] = float(correct.mean()) if rows.any() else float("nan")
+    return out
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: RobustSection,

@@ -81,6 +81,7 @@ class ClientContext:
     cache: dict[Any, Any] = field(default_factory=dict)  # per-process scratch for work that depends
     # only on its inputs (a speed-up in simulation; empty for every message when deployed)
     unlabeled: torch.Tensor | None = None  # the client's training inputs without labels (data.labels)
+    label_counts: torch.Tensor | None = None  # its training examples per class, before training
 
 
 @dataclass

@@ -19,7 +19,7 @@ from fedsim.models import check_model
 from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
 from fedsim.privacy.dp_fedavg import ClientLevelDP
 from fedsim.privacy.dp_sgd import ExampleLevelDP
-from fedsim.terms import ParityConstraint, ParityPenalty, Proximal
+from fedsim.terms import BalancedSoftmax, ParityConstraint, ParityPenalty, Proximal
 from strategies.fairfed import FairFed
 from strategies.fal import Fal
 from strategies.fedavg import FedAvg
@@ -41,7 +41,7 @@ METHODS: dict[str, type[Method]] = {
                             QFFL, FedNova, Moon)
 }
 LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (
-    MarginControl, ParityConstraint, ParityPenalty, Proximal)}
+    BalancedSoftmax, MarginControl, ParityConstraint, ParityPenalty, Proximal)}
 # each switched on by `[<name>] enabled`; they run in this order (privacy last: it clips what is sent)
 ADD_ONS: dict[str, type[AddOn]] = {Ggeur.name: Ggeur, Fal.name: Fal, FedLabel.name: FedLabel,
                                    ExampleLevelDP.name: ExampleLevelDP, ClientLevelDP.name: ClientLevelDP}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 from torch import nn
+from torch.nn import functional as F
 
 from fedsim.method import Batch, LossTerm, NoParams
 
@@ -41,6 +42,32 @@ class ParityPenalty(LossTerm):
         _, group1, group0, both = positive_rate_by_group(batch, "parity")
         gap = group1 - group0
         return torch.where(both, self.params.mu * gap.abs(), torch.zeros_like(gap))
+
+
+class BalancedSoftmax(LossTerm):
+    """Balanced softmax (Ren et al., 2020), the logit-adjusted loss of Menon et al. (2021) with
+    the client's own label shares pi as the prior: cross-entropy of logits + tau log pi. The
+    loop already adds the plain cross-entropy, so the term is the difference of the two (per
+    row, weighted as the batch's mean). A class the client lacks gets log pi = log 1e-12."""
+
+    name = "balanced_softmax"
+    per_client = ("prior",)
+
+    class Params(NoParams):
+        tau: float = Field(1.0, ge=0, description="weight of the log prior added to the logits")
+
+    def __init__(self, params: NoParams, ctx) -> None:
+        super().__init__(params, ctx)
+        if ctx.label_counts is None:
+            raise ValueError("balanced_softmax needs the client's label counts")
+        shares = ctx.label_counts.double() / ctx.label_counts.sum().clamp(min=1)
+        self.prior = {"log_prior": torch.log(shares.clamp(min=1e-12)).float()}
+
+    def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        adjusted = batch.logits + self.params.tau * self.prior["log_prior"]
+        per_row = (F.cross_entropy(adjusted, batch.targets, reduction="none")
+                   - F.cross_entropy(batch.logits, batch.targets, reduction="none"))
+        return per_row.mean() if batch.weights is None else (per_row * batch.weights).sum()
 
 
 def positive_rate_by_group(batch: Batch, term: str, squash: bool = False):

@@ -328,3 +328,20 @@ def test_vectorized_training_augments_exactly_as_one_by_one():
     plain = one_by_one(model, data, settings.model_copy(update={"augment": []}), seeds, steps, [[], [], []])
     first = next(iter(reference[0][0]))
     assert not torch.allclose(plain[0][0][first], reference[0][0][first])
+
+
+def test_the_balanced_softmax_vectorizes_with_each_clients_prior():
+    from fedsim.terms import BalancedSoftmax
+
+    settings = ClientSection(batch_size=4, local_epochs=2, lr=0.1)
+    model = build_model(ModelSection(name="mlp", hidden=[8]), SHAPES["mlp"], 3, 2)
+    data = clients(SHAPES["mlp"], [7, 10, 5], seed=4)
+    data[2].y_train[:] = 1  # a client with one class: the others' log prior is log 1e-12
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    terms = []
+    for cid in range(3):
+        ctx = context(model, cid)
+        ctx.label_counts = torch.bincount(data[cid].y_train, minlength=3)
+        terms.append([BalancedSoftmax(BalancedSoftmax.Params(tau=1.0), ctx)])
+    got = train_vectorized(model, start, data, [5, 6, 7], [None] * 3, settings, settings.lr, terms)
+    assert_close(got, one_by_one(model, data, settings, [5, 6, 7], [None] * 3, terms))

@@ -12,10 +12,11 @@ import torch
 
 from fedsim.config import ExperimentConfig, RobustSection
 from fedsim.data.federation import Federation
+from fedsim.data.stats import label_counts
 from fedsim.engine.checkpoint import Checkpoint, RunCheckpoints
 from fedsim.engine.protocol import RECEIVED
 from fedsim.errors import RunFailed
-from fedsim.evaluation import evaluate, predict, robust_accuracy
+from fedsim.evaluation import class_group_accuracy, evaluate, long_tail_groups, predict, robust_accuracy
 from fedsim.fairness.groups import group_confusion, parity_gaps
 from fedsim.method import Arrays, ClientResult, RoundResult
 from fedsim.models import build_model
@@ -59,6 +60,7 @@ class CentralEvaluator:
     z: np.ndarray | None = None  # sensitive group of each test example
     num_groups: int = 0
     robust: RobustSection | None = None  # evaluation.robust: accuracy under attack
+    class_groups: np.ndarray | None = None  # each class's long-tail group (evaluation.class_groups)
 
     @classmethod
     def build(cls, config: ExperimentConfig, federation: Federation) -> CentralEvaluator:
@@ -68,7 +70,12 @@ class CentralEvaluator:
         dataset = getattr(federation, "dataset", None)
         z = dataset.sensitive_test if dataset is not None else None
         groups = len(dataset.sensitive_groups) if z is not None else 0
-        return cls(model, torch.as_tensor(x), torch.as_tensor(y), z, groups, config.evaluation.robust)
+        wanted = config.evaluation.class_groups
+        if wanted is None:
+            wanted = config.data.partition.imbalance > 1
+        tail = long_tail_groups(label_counts(federation).sum(axis=0)) if wanted else None
+        return cls(model, torch.as_tensor(x), torch.as_tensor(y), z, groups, config.evaluation.robust,
+                   tail)
 
     def initial_arrays(self) -> Arrays:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
@@ -81,10 +88,14 @@ class CentralEvaluator:
         row = {"test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"]}
         if self.robust is not None and self.robust.eps:
             row.update(robust_accuracy(self.model, self.x, self.y, self.robust))
+        if self.z is not None or self.class_groups is not None:
+            predicted = predict(self.model, self.x).numpy()
         if self.z is not None:
-            counts = group_confusion(self.y.numpy(), predict(self.model, self.x).numpy(), self.z,
-                                     self.num_groups, int(self.y.max()) + 1)
+            counts = group_confusion(self.y.numpy(), predicted, self.z, self.num_groups,
+                                     int(self.y.max()) + 1)
             row.update({f"test_{k}": v for k, v in parity_gaps(counts).items()})
+        if self.class_groups is not None:
+            row.update(class_group_accuracy(predicted, self.y.numpy(), self.class_groups))
         return row
 
 
