@@ -88,19 +88,20 @@ def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
 
 
 def test_a_tf_privacy_tutorial_setting_reproduces_its_published_epsilon():
-    """TensorFlow Privacy's MNIST tutorial (60000 examples, batch 256, noise 1.1, 60 epochs,
-    delta 1e-5) publishes epsilon 3.01 with the classic RDP conversion; the tighter conversion
-    both accountants use gives a little less, and the two agree."""
+    """TensorFlow Privacy's MNIST tutorial table (60000 examples, batch 256, noise 1.12, 60
+    epochs, delta 1e-5) publishes epsilon 2.92 from the classic RDP conversion (test_privacy.py
+    reproduces that number from the same event); fedsim and Opacus both use the tighter
+    conversion, agree with each other, and give less."""
     from fedsim.method import RunInfo
 
-    dp = ExampleLevelDP(DpSgdSection(enabled=True, noise_multiplier=1.1, delta=1e-5),
+    dp = ExampleLevelDP(DpSgdSection(enabled=True, noise_multiplier=1.12, delta=1e-5),
                         RunInfo(["w"], np.array([60000]), ClientSection(batch_size=256)))
     steps = 60 * 60000 // 256
     dp.state["steps"][0] = steps
     opacus = RDPAccountant()
-    opacus.history = [(1.1, 256 / 60000, steps)]
-    assert dp.client_epsilon(0) == pytest.approx(opacus.get_epsilon(1e-5), rel=0.02)
-    assert 2.5 < dp.client_epsilon(0) < 3.01
+    opacus.history = [(1.12, 256 / 60000, steps)]
+    assert dp.client_epsilon(0) == pytest.approx(opacus.get_epsilon(1e-5), rel=1e-6)
+    assert 2.4 < dp.client_epsilon(0) < 2.92
 
 
 def test_dp_sgd_on_the_quickstart_reports_each_rounds_largest_client_epsilon(tmp_path):
@@ -120,6 +121,7 @@ def test_dp_sgd_on_the_quickstart_reports_each_rounds_largest_client_epsilon(tmp
             rate = sample_rate(int(sizes[client]), config.client.batch_size)
             accountant.history = [(1.0, rate, int(total))]
             worst = max(worst, accountant.get_epsilon(delta))
+        # the two accountants search different grids of RDP orders: 1.4% apart at epsilon 12.8
         assert rounds.loc[t, "dp_sgd_epsilon"] == pytest.approx(worst, rel=0.02)
     assert rounds.loc[1:, "dp_sgd_epsilon"].is_monotonic_increasing
     assert rounds["test_accuracy"].iloc[-1] > 2 * rounds["test_accuracy"].iloc[0]
