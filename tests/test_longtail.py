@@ -12,6 +12,8 @@ from fedsim.config import ClientSection, load_config
 from fedsim.data.federation import build_federation
 from fedsim.evaluation import class_group_accuracy, long_tail_groups
 from fedsim.method import Batch, ClientContext, TrainPlan
+from fedsim.report.runs import collect_runs
+from fedsim.report.tables import summary_table
 from fedsim.terms import BalancedSoftmax
 
 
@@ -44,6 +46,9 @@ def test_a_long_tailed_run_reports_groups_that_average_to_the_test_accuracy(tmp_
     parts = rounds[["test_accuracy_many", "test_accuracy_medium", "test_accuracy_few"]].to_numpy()
     np.testing.assert_allclose(parts @ shares, rounds["test_accuracy"], rtol=1e-9)
     assert counts[groups == 0].min() > counts[groups == 2].max()  # the tail is real
+    table = summary_table(collect_runs([summary.run_dir]), target=0.5)  # the report's summary
+    for group in ("many", "medium", "few"):
+        assert table[f"acc. {group} mean"].iloc[0] == rounds[f"test_accuracy_{group}"].iloc[-1]
     plain = run("experiments/quickstart.toml", "experiment.rounds=1", "engine.backend=inprocess",
                 f"output.dir={tmp_path}", "output.save_model=false")
     assert "test_accuracy_many" not in pd.read_parquet(plain.run_dir / "rounds.parquet")

@@ -38,13 +38,20 @@ def run_metrics(run: RunRecord, target: float) -> dict[str, float]:
                "client acc. worst 10%": float(worst.mean()) if len(worst) else np.nan,
                "MB exchanged": float(run.rounds["bytes_exchanged"].sum()) / 1e6,
                "wall seconds": run.summary["seconds"]}
-    if "dp_epsilon" in run.rounds:
-        metrics["epsilon"] = float(run.rounds["dp_epsilon"].iloc[-1])
+    for column, name in OPTIONAL_COLUMNS.items():
+        if column in run.rounds and run.rounds[column].notna().any():
+            metrics[name] = float(run.rounds[column].dropna().iloc[-1])
     return metrics
 
 
-LOWER_IS_BETTER = {"rounds to target", "client acc. std", "MB exchanged", "wall seconds", "epsilon"}
-PERCENT = {"final accuracy", "best accuracy", "client acc. mean", "client acc. std", "client acc. worst 10%"}
+# rounds.parquet columns that join the summary (their last value) when a run has them
+OPTIONAL_COLUMNS = {"dp_epsilon": "epsilon", "dp_sgd_epsilon": "example epsilon",
+                    "test_accuracy_many": "acc. many", "test_accuracy_medium": "acc. medium",
+                    "test_accuracy_few": "acc. few", "pseudo_label_accuracy": "pseudo-label acc."}
+LOWER_IS_BETTER = {"rounds to target", "client acc. std", "MB exchanged", "wall seconds", "epsilon",
+                   "example epsilon"}
+PERCENT = {"final accuracy", "best accuracy", "client acc. mean", "client acc. std", "client acc. worst 10%",
+           "acc. many", "acc. medium", "acc. few", "pseudo-label acc."}
 
 
 def summary_table(runs: list[RunRecord], target: float) -> pd.DataFrame:
