@@ -172,6 +172,8 @@ class RunInfo:
     seed: int = 0
     cohort: int = 0  # clients sampled per round (Poisson sampling: expected)
     sampling: Literal["fixed", "poisson"] = "fixed"
+    float_buffers: list[str] = field(default_factory=list)  # the model's float buffers (BatchNorm
+    # statistics): computed from the clients' data, not trained
 
     @property
     def num_clients(self) -> int:

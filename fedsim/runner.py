@@ -68,7 +68,8 @@ def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes:
         writer.save_federation(label_table, f"{config.data.dataset}, {config.data.partition.kind} partition")
     run = RunInfo([name for name, _ in evaluator.model.named_parameters()], np.asarray(client_sizes),
                   config.client, config.experiment.seed, cohort_size(config, len(client_sizes)),
-                  config.strategy.sampling)
+                  config.strategy.sampling,
+                  [name for name, b in evaluator.model.named_buffers() if b.is_floating_point()])
     method, add_ons = build_method(config, run), build_add_ons(config, run)
     log = RoundLog()
     strategy = FedsimStrategy(config, method, add_ons, client_sizes, log, **(placement or {}))

@@ -229,3 +229,9 @@ def test_fixed_cohorts_are_accounted_without_replacement(tmp_path):
     rounds = pd.read_parquet(summary.run_dir / "rounds.parquet").set_index("round")
     expected = [independent_epsilon(2.0, 20, 10, "fixed", t, 20 ** -1.1) for t in (1, 2)]
     assert rounds.loc[1:, "dp_epsilon"].tolist() == pytest.approx(expected, rel=1e-9)
+
+
+def test_models_with_float_buffers_are_refused_before_the_first_round():
+    run_info = RunInfo(["w"], np.array([10, 10]), ClientSection(), float_buffers=["bn.running_mean"])
+    with pytest.raises(ConfigError, match="float buffers .bn.running_mean."):
+        ClientLevelDP(PrivacySection(enabled=True), run_info)

@@ -37,7 +37,7 @@ from torch import nn
 from fedsim.config import ExperimentConfig, PrivacySection
 from fedsim.engine.cohort import cohort_size
 from fedsim.errors import ConfigError
-from fedsim.method import AddOn, Arrays, ClientContext, ClientUpdate, Method, RoundResult, Weighting
+from fedsim.method import AddOn, Arrays, ClientContext, ClientUpdate, Method, RoundResult, RunInfo, Weighting
 from fedsim.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -110,6 +110,14 @@ class ClientLevelDP(AddOn):
                 "level DP does not cover; use a mean-based strategy (fedavg, fedprox, fedavgm, "
                 "fedadam, fedyogi, moon) or switch privacy off")
 
+    def __init__(self, params=None, run: RunInfo | None = None) -> None:
+        super().__init__(params, run)
+        if run is not None and run.float_buffers:
+            names = ", ".join(run.float_buffers[:3])
+            raise ConfigError(f"privacy.enabled: the model has float buffers ({names}) "
+                              "computed from the clients' data, which client-level DP would have to "
+                              "noise; use a model without them (no BatchNorm)")
+
     # ---- server half -----------------------------------------------------------------------
     @property
     def clip_norm(self) -> float:
@@ -138,12 +146,6 @@ class ClientLevelDP(AddOn):
         sigma = update_noise_multiplier(p, stddev) * clip if denominator > 0 else 0.0
         rng = np.random.default_rng(None if p.secure_randomness
                                     else derive_seed(self.run.seed, server_round, DP_STREAM))
-        buffers = [n for n, a in current.items()
-                   if np.issubdtype(a.dtype, np.floating) and n not in self.run.param_names]
-        if buffers:
-            raise ConfigError(f"privacy.enabled: the model has float buffers ({', '.join(buffers[:3])}) "
-                              "computed from the clients' data, which client-level DP would have to "
-                              "noise; use a model without them (no BatchNorm)")
         if denominator > 0:
             total, count = result.sums.get("model"), result.weights.get("model", 0.0)
             mean = {}
