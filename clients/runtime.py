@@ -242,9 +242,8 @@ class Worker:
         for component, ctx in zip(self.components, contexts, strict=True):
             ctx.unlabeled = data.x_unlabeled
             data = component.training_data(ctx, data)
-        counts = torch.bincount(data.y_train, minlength=res.num_classes)
         for ctx in contexts:
-            ctx.label_counts = counts
+            ctx.labels = data.y_train
         before = global_model_report(res, data) if self.method.evaluates_global else {}
         if self.task.evaluate_first:
             local = local_evaluation(res, res.client_data(client.client_id),
@@ -255,30 +254,33 @@ class Worker:
 
     def finish(self, client: Prepared, metrics: dict[str, float]) -> ClientResult:
         """The reply of a client whose trained weights are in the resident model: the components'
-        after-training hooks, its model and the state it saved."""
+        after-training hooks, its model as they leave it (unless one sends a model of its own) and
+        the state it saved."""
         metrics = {**metrics, **client.before}
-        model = self.res.model
-        outputs = {"model": {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}}
+        model, outputs = self.res.model, {}
+        steps, examples = int(metrics["steps"]), int(metrics["num_examples"])
         for component, ctx in zip(self.components, client.contexts, strict=True):
-            ctx.steps, ctx.num_examples = int(metrics["steps"]), int(metrics["num_examples"])
+            ctx.steps, ctx.num_examples = steps, examples
             update = component.after_training(ctx, model)
             outputs.update(update.outputs)
             metrics.update(update.metrics)
             if update.pseudo_labels is not None:
                 metrics.update(score_pseudo_labels(self.res.federation, client.client_id,
                                                    *update.pseudo_labels))
-        return ClientResult(client.client_id, metrics, outputs, self.store.saved(client.client_id))
+        sent = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+        return ClientResult(client.client_id, metrics, {"model": sent, **outputs},
+                            self.store.saved(client.client_id))
 
     def train_one(self, index: int, global_arrays: dict[str, torch.Tensor],
                   client: Prepared | None = None) -> ClientResult:
         """Client `index` trained alone (`client`: already prepared)."""
         client = client or self.prepare(index, global_arrays)
         steps = client.contexts[0].plan.local_steps
-        trainers = [(c, ctx) for c, ctx in zip(self.components, client.contexts, strict=True)
-                    if c.replaces_training]
-        if trainers:
-            (trainer, ctx), = trainers
-            metrics = trainer.local_training(ctx, self.res.model, client.data, client.seed, steps)
+        trainer = next(((c, ctx) for c, ctx in zip(self.components, client.contexts, strict=True)
+                        if c.replaces_training), None)
+        if trainer is not None:
+            component, ctx = trainer
+            metrics = component.local_training(ctx, self.res.model, client.data, client.seed, steps)
         else:
             metrics = train_locally(self.res.model, client.data, self.config.client, client.terms,
                                     client.seed, self.config.client.lr, steps=steps)

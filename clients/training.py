@@ -42,12 +42,14 @@ class LeanSGD:
             self.buffers[i] = buffer
 
 
-def make_optimizer(model: nn.Module, settings: ClientSection, lr: float) -> torch.optim.Optimizer | LeanSGD:
-    """A fresh local optimizer (no state carried between rounds)."""
+def make_optimizer(model: nn.Module, settings: ClientSection, lr: float,
+                   lean: bool = True) -> torch.optim.Optimizer | LeanSGD:
+    """A fresh local optimizer (no state carried between rounds); `lean = False` gives SGD as a
+    `torch.optim.SGD` (for wrappers that need an Optimizer, such as Opacus')."""
     if settings.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
-    return LeanSGD(model.parameters(), lr=lr, momentum=settings.momentum,
-                   weight_decay=settings.weight_decay)
+    sgd = LeanSGD if lean else torch.optim.SGD
+    return sgd(model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
 def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,

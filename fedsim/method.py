@@ -81,7 +81,7 @@ class ClientContext:
     cache: dict[Any, Any] = field(default_factory=dict)  # per-process scratch for work that depends
     # only on its inputs (a speed-up in simulation; empty for every message when deployed)
     unlabeled: torch.Tensor | None = None  # the client's training inputs without labels (data.labels)
-    label_counts: torch.Tensor | None = None  # its training examples per class, before training
+    labels: torch.Tensor | None = None  # its training labels, as it trains on them this round
 
 
 @dataclass
@@ -226,7 +226,8 @@ class Component:
         return []
 
     def after_training(self, ctx: ClientContext, model: nn.Module) -> ClientUpdate:
-        """After local training: extra outputs and metrics to send, state to keep in ctx.store."""
+        """After local training: extra outputs and metrics to send, state to keep in ctx.store.
+        What `model` holds afterwards is the model sent, unless an output named "model" replaces it."""
         return ClientUpdate()
 
     def local_training(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,

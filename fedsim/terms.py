@@ -58,9 +58,10 @@ class BalancedSoftmax(LossTerm):
 
     def __init__(self, params: NoParams, ctx) -> None:
         super().__init__(params, ctx)
-        if ctx.label_counts is None:
-            raise ValueError("balanced_softmax needs the client's label counts")
-        shares = ctx.label_counts.double() / ctx.label_counts.sum().clamp(min=1)
+        if ctx.labels is None:
+            raise ValueError("balanced_softmax needs the client's training labels")
+        counts = torch.bincount(ctx.labels, minlength=ctx.num_classes).double()
+        shares = counts / counts.sum().clamp(min=1)
         self.prior = {"log_prior": torch.log(shares.clamp(min=1e-12)).float()}
 
     def penalty(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -190,7 +190,7 @@ class FedLabel(AddOn):
 
     def after_training(self, ctx: ClientContext, model: nn.Module) -> ClientUpdate:
         """`model` holds the local expert; train the unlabelled model and put the sum of the two
-        updates in its place (so later add-ons, e.g. privacy, see what is sent)."""
+        updates in its place: that is what is sent, and what later add-ons (privacy) see."""
         if ctx.unlabeled is None:
             raise ValueError("fedlabel: this client has no unlabelled data; set data.labels.fraction < 1")
         global_model = ctx.model_factory()
@@ -204,7 +204,6 @@ class FedLabel(AddOn):
                 if tensor.is_floating_point():
                     tensor.add_(trained[name] - ctx.global_arrays[name])
         update = training.report()
-        update.outputs["model"] = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
         update.metrics["num_examples"] = ctx.num_examples + update.metrics["pseudo_kept_examples"]
         return update
 

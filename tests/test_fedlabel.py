@@ -165,8 +165,11 @@ def test_a_client_sends_the_sum_of_the_local_expert_and_the_unlabelled_update():
     for name, w in ctx.global_arrays.items():
         delta_l, delta_u = expected_expert[name] - w, student.state_dict()[name] - w
         assert delta_u.abs().max() > 1e-3
-        np.testing.assert_allclose(update.outputs["model"][name], (w + delta_l + delta_u).numpy(), atol=1e-6)
-        torch.testing.assert_close(expert.state_dict()[name], w + delta_l + delta_u)  # what later add-ons see
+        # the model left in place is what the worker sends, and what later add-ons see
+        sent = expert.state_dict()[name].numpy()
+        np.testing.assert_allclose(sent, (w + delta_l + delta_u).numpy(), atol=1e-6)
+        torch.testing.assert_close(expert.state_dict()[name], w + delta_l + delta_u)
+    assert "model" not in update.outputs
     assert update.metrics["pseudo_drawn"] == 6 * 2 * 4
     assert 0 < update.metrics["pseudo_kept_examples"] <= 30
     assert update.metrics["num_examples"] == 9 + update.metrics["pseudo_kept_examples"]
@@ -179,8 +182,9 @@ def test_without_unlabelled_loss_a_client_sends_its_local_expert():
     for params in (FedLabelSection(enabled=True, threshold=1.0, weak=[], strong=[]),  # nothing kept
                    FedLabelSection(enabled=True, unlabeled_weight=0, consistency=0, weak=[], strong=[])):
         update, _ = _after_training(params, expert, unlabeled)
+        assert "model" not in update.outputs  # the worker sends the model as left in place
         for name, value in before.items():
-            np.testing.assert_allclose(update.outputs["model"][name], value.numpy(), atol=1e-7)
+            np.testing.assert_allclose(expert.state_dict()[name].numpy(), value.numpy(), atol=1e-7)
 
 
 def test_fedlabel_refuses_strategies_that_send_more_than_the_model():

@@ -57,7 +57,8 @@ def test_a_long_tailed_run_reports_groups_that_average_to_the_test_accuracy(tmp_
 def test_the_balanced_softmax_is_the_cross_entropy_of_prior_weighted_probabilities():
     torch.manual_seed(0)
     counts = torch.tensor([30, 6, 0, 4])
-    ctx = ClientContext(0, 1, TrainPlan(), {}, {}, None, ClientSection(), 0.1, label_counts=counts)
+    ctx = ClientContext(0, 1, TrainPlan(), {}, {}, None, ClientSection(), 0.1, num_classes=4,
+                        labels=torch.repeat_interleave(torch.arange(4), counts))
     logits, targets = torch.randn(5, 4), torch.tensor([0, 1, 3, 0, 1])
     for tau in (1.0, 0.5):
         term = BalancedSoftmax(BalancedSoftmax.Params(tau=tau), ctx)

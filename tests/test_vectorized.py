@@ -341,7 +341,7 @@ def test_the_balanced_softmax_vectorizes_with_each_clients_prior():
     terms = []
     for cid in range(3):
         ctx = context(model, cid)
-        ctx.label_counts = torch.bincount(data[cid].y_train, minlength=3)
+        ctx.labels, ctx.num_classes = data[cid].y_train, 3
         terms.append([BalancedSoftmax(BalancedSoftmax.Params(tau=1.0), ctx)])
     got = train_vectorized(model, start, data, [5, 6, 7], [None] * 3, settings, settings.lr, terms)
     assert_close(got, one_by_one(model, data, settings, [5, 6, 7], [None] * 3, terms))

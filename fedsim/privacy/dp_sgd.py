@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clients.augment import augment, draw_keys
+from clients.training import make_optimizer
 from fedsim.config import DpSgdSection, ExperimentConfig
 from fedsim.data.tensors import LocalData
 from fedsim.errors import ConfigError
@@ -46,14 +47,6 @@ DP_SGD_STREAM = 0xD95D
 def sample_rate(num_examples: int, batch_size: int) -> float:
     """The probability q that an example joins a step's Poisson batch."""
     return min(1.0, batch_size / num_examples) if num_examples else 0.0
-
-
-def inner_optimizer(model: nn.Module, settings, lr: float) -> torch.optim.Optimizer:
-    """The client's optimizer, as a torch Optimizer for Opacus to wrap."""
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum,
-                           weight_decay=settings.weight_decay)
 
 
 class ExampleLevelDP(AddOn):
@@ -113,7 +106,7 @@ class ExampleLevelDP(AddOn):
         module = GradSampleModule(private, loss_reduction="mean")
         noise_seed = (int.from_bytes(os.urandom(8), "little") if p.secure_randomness
                       else derive_seed(seed, DP_SGD_STREAM))
-        optimizer = DPOptimizer(inner_optimizer(private, settings, ctx.lr),
+        optimizer = DPOptimizer(make_optimizer(private, settings, ctx.lr, lean=False),
                                 noise_multiplier=p.noise_multiplier, max_grad_norm=p.clip_norm,
                                 expected_batch_size=max(1, round(rate * n)), loss_reduction="mean",
                                 generator=torch.Generator(data.x_train.device).manual_seed(noise_seed))
@@ -144,24 +137,27 @@ class ExampleLevelDP(AddOn):
                 "dp_sgd_batch_size": float(np.mean(sizes)) if sizes else 0.0}
 
     # ---- server half ---------------------------------------------------------------------
-    def client_epsilon(self, client_id: int) -> float:
-        """Epsilon at the run's delta of client `client_id`'s examples after its steps so far."""
+    def epsilon(self, num_examples: int, steps: int) -> float:
+        """Epsilon at the run's delta of a client with `num_examples` examples after `steps` steps
+        (one accountant per client size)."""
         from fedsim.privacy.accountant import Accountant, ClientSampling
 
-        n = int(self.run.client_sizes[client_id])
-        if n not in self._accountants:
-            examples = ClientSampling(n, min(n, self.run.settings.batch_size), "poisson")
-            self._accountants[n] = Accountant(self.params.noise_multiplier, examples, self.delta)
-        return self._accountants[n].epsilon(int(self.state["steps"][client_id]))
+        if num_examples not in self._accountants:
+            batch = min(num_examples, self.run.settings.batch_size)
+            examples = ClientSampling(num_examples, batch, "poisson")
+            self._accountants[num_examples] = Accountant(self.params.noise_multiplier, examples, self.delta)
+        return self._accountants[num_examples].epsilon(steps)
+
+    def client_epsilon(self, client_id: int) -> float:
+        """Epsilon of client `client_id`'s examples after its steps so far."""
+        return self.epsilon(int(self.run.client_sizes[client_id]), int(self.state["steps"][client_id]))
 
     def on_round(self, server_round: int, current, result: RoundResult) -> dict[str, float]:
         for client in result.clients:
             self.state["steps"][client.client_id] += client.metrics.get("steps", 0.0)
-        most_steps: dict[int, int] = {}  # epsilon grows with the steps: per size, the client with most
-        for k in np.flatnonzero(self.state["steps"]):
-            n = int(self.run.client_sizes[k])
-            if self.state["steps"][k] > self.state["steps"][most_steps.get(n, k)]:
-                most_steps[n] = int(k)
-            most_steps.setdefault(n, int(k))
-        worst = max((self.client_epsilon(k) for k in most_steps.values()), default=0.0)
+        trained = np.flatnonzero(self.state["steps"])
+        sizes, steps = self.run.client_sizes[trained], self.state["steps"][trained]
+        # epsilon grows with the steps: per client size, the client with the most decides
+        worst = max((self.epsilon(int(n), int(steps[sizes == n].max())) for n in np.unique(sizes)),
+                    default=0.0)
         return {"dp_sgd_epsilon": worst, "dp_sgd_delta": self.delta}
