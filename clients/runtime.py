@@ -31,6 +31,7 @@ from fedsim.evaluation import evaluate, predict
 from fedsim.fairness.groups import counts_to_metrics, group_confusion
 from fedsim.method import ClientContext, ClientResult, Component, Method
 from fedsim.models import build_model
+from fedsim.personal import personal_report
 from fedsim.registry import build_add_ons, build_method, build_terms
 from fedsim.seeding import derive_seed
 
@@ -280,7 +281,8 @@ class Worker:
                         if c.replaces_training), None)
         if trainer is not None:
             component, ctx = trainer
-            metrics = component.local_training(ctx, self.res.model, client.data, client.seed, steps)
+            metrics = component.local_training(ctx, self.res.model, client.data, client.seed, steps,
+                                                client.terms)
         else:
             metrics = train_locally(self.res.model, client.data, self.config.client, client.terms,
                                     client.seed, self.config.client.lr, steps=steps)
@@ -431,15 +433,20 @@ def run_setup(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
 
 def run_evaluate(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     """Evaluate the global model on each listed client's local test split (and count its
-    predictions per sensitive group where `evaluation.fairness_data` says)."""
-    task = decode_task(content)
-    config = validate_config(task.experiment)
-    res = host.resident(config, task)
-    res.load_global(_tensors(task.global_arrays, res.device))
+    predictions per sensitive group where `evaluation.fairness_data` says); for a personal
+    method, the client's personal model too (`personal_*` metrics)."""
+    worker = Worker.start(content, host)
+    res, method = worker.res, worker.method
+    global_arrays = _tensors(worker.task.global_arrays, res.device)
     result = WorkerResult()
-    for client in task.clients:
+    for index, client in enumerate(worker.task.clients):
         try:
-            reply = local_evaluation(res, res.client_data(client.client_id), config.evaluation.fairness_data)
+            res.load_global(global_arrays)
+            data = res.client_data(client.client_id)
+            reply = local_evaluation(res, data, worker.config.evaluation.fairness_data)
+            if method.personalizes:
+                method.personal_model(worker.contexts(index, global_arrays)[0], res.model, data)
+                reply.update(personal_report(res.model, data, res.num_classes))
         except Exception as exc:
             result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
             continue

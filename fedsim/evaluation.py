@@ -41,6 +41,17 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
 
 
+def spread(values: np.ndarray) -> dict[str, float]:
+    """Mean, std and the mean of the worst 10% (at least one) of per-client values (NaNs, from
+    clients without test examples, left out)."""
+    values = np.sort(np.asarray(values, dtype=float))
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {"mean": float("nan"), "std": float("nan"), "worst10": float("nan")}
+    return {"mean": float(values.mean()), "std": float(values.std()),
+            "worst10": float(values[:max(1, len(values) // 10)].mean())}
+
+
 CLASS_GROUPS = ("many", "medium", "few")
 
 

@@ -82,6 +82,8 @@ class ClientContext:
     # only on its inputs (a speed-up in simulation; empty for every message when deployed)
     unlabeled: torch.Tensor | None = None  # the client's training inputs without labels (data.labels)
     labels: torch.Tensor | None = None  # its training labels, as it trains on them this round
+    scratch: dict[str, Any] = field(default_factory=dict)  # what a component's `local_training`
+    # hands to its `after_training` for this client and round
 
 
 @dataclass
@@ -231,10 +233,11 @@ class Component:
         return ClientUpdate()
 
     def local_training(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
-                       steps: int | None) -> dict[str, float]:
-        """Train `model` in place instead of the shared loop (example-level DP-SGD does), returning
-        what `clients.training.train_locally` returns; components that do not override it leave
-        the shared loop (and training clients together) in place."""
+                       steps: int | None, terms: list[LossTerm]) -> dict[str, float]:
+        """Train `model` in place instead of the shared loop (example-level DP-SGD, the personal
+        methods' schedules), returning what `clients.training.train_locally` returns; `terms` are
+        the client's loss terms. Components that do not override it leave the shared loop (and
+        training clients together) in place."""
         raise NotImplementedError
 
     @property
@@ -271,6 +274,18 @@ class Method(Component):
                   result: RoundResult) -> tuple[Arrays, dict[str, float]]:
         """New global arrays and this method's metrics for the round."""
         return result.means["model"], {}
+
+    # ---- personalization (client half, at evaluation) ------------------------------------------
+    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> None:
+        """Turn `model`, which holds the global model, into client `ctx.client_id`'s personal
+        model in place (its own head, its local model, a head fine-tuned on its data), from what
+        its training kept in `ctx.store`; methods that override it are evaluated per client on
+        both models (`personal_*` metrics)."""
+        raise NotImplementedError
+
+    @property
+    def personalizes(self) -> bool:
+        return overrides(self, Method, "personal_model")
 
 
 class AddOn(Component):

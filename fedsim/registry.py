@@ -20,15 +20,21 @@ from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
 from fedsim.privacy.dp_fedavg import ClientLevelDP
 from fedsim.privacy.dp_sgd import ExampleLevelDP
 from fedsim.terms import BalancedSoftmax, ParityConstraint, ParityPenalty, Proximal
+from strategies.ditto import Ditto
 from strategies.fairfed import FairFed
 from strategies.fal import Fal
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
+from strategies.fedbabu import FedBABU
+from strategies.fedbn import FedBN
 from strategies.fedlabel import FedLabel
 from strategies.fedld import FedLD, MarginControl
+from strategies.fedloge import FedLoGe
 from strategies.fednova import FedNova
 from strategies.fedopt import FedAdam, FedYogi
+from strategies.fedper import FedPer
 from strategies.fedprox import FedProx
+from strategies.fedrep import FedRep
 from strategies.flower import PREFIX as FLOWER_PREFIX
 from strategies.flower import FlowerStrategy, flower_names
 from strategies.ggeur import Ggeur
@@ -38,7 +44,8 @@ from strategies.scaffold import Scaffold
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, Scaffold, FedLD, FairFed,
-                            QFFL, FedNova, Moon)
+                            QFFL, FedNova, Moon, FedPer, FedRep, FedBABU, Ditto, FedBN,
+                            FedLoGe)
 }
 LOSS_TERMS: dict[str, type[LossTerm]] = {cls.name: cls for cls in (
     BalancedSoftmax, MarginControl, ParityConstraint, ParityPenalty, Proximal)}

@@ -72,7 +72,8 @@ def execute(config: ExperimentConfig, evaluator: CentralEvaluator, client_sizes:
                   [name for name, b in evaluator.model.named_buffers() if b.is_floating_point()])
     method, add_ons = build_method(config, run), build_add_ons(config, run)
     log = RoundLog()
-    strategy = FedsimStrategy(config, method, add_ons, client_sizes, log, **(placement or {}))
+    strategy = FedsimStrategy(config, method, add_ons, client_sizes, log, **(placement or {}),
+                              class_groups=evaluator.class_groups)
     # deployed, the clients' state lives on their nodes, out of a checkpoint's reach: none are made
     every = 0 if placement is not None else config.output.checkpoint_every
     checkpoints = RunCheckpoints(run_dir, strategy, every, config.output.checkpoint_keep)

@@ -42,7 +42,7 @@ def _poisson_batch(seed, n, rate):
 def test_a_step_averages_the_clipped_per_example_gradients_over_the_expected_batch():
     model, data, ctx, dp = _client(40, 10, noise_multiplier=0.0, clip_norm=0.5)
     before = copy.deepcopy(model)
-    metrics = dp.local_training(ctx, model, data, seed=3, steps=1)
+    metrics = dp.local_training(ctx, model, data, seed=3, steps=1, terms=[])
     chosen = _poisson_batch(3, 40, 0.25)
     params = {k: v.detach() for k, v in before.named_parameters()}
 
@@ -70,7 +70,7 @@ def test_the_noise_has_std_z_c_over_the_expected_batch():
     ctx = ClientContext(0, 1, TrainPlan(), {}, {}, None, ClientSection(batch_size=20, momentum=0.0), 0.5)
     for model, z in ((quiet, 0.0), (loud, 1.5)):  # the same Poisson batch (seed 1), with and without noise
         ExampleLevelDP(DpSgdSection(enabled=True, noise_multiplier=z, clip_norm=2.0)).local_training(
-            ctx, model, data, seed=1, steps=1)
+            ctx, model, data, seed=1, steps=1, terms=[])
     difference = torch.cat([(a - b).flatten() for a, b in zip(loud.parameters(), quiet.parameters(),
                                                               strict=True)]).detach()
     assert difference.mean().abs() < 0.01
@@ -81,7 +81,7 @@ def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
     seed = next(s for s in range(100) if len(_poisson_batch(s, 50, 0.02)) == 0)
     model, data, ctx, dp = _client(50, 1, noise_multiplier=1.0, clip_norm=1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = dp.local_training(ctx, model, data, seed=seed, steps=1)
+    metrics = dp.local_training(ctx, model, data, seed=seed, steps=1, terms=[])
     assert metrics["dp_sgd_batch_size"] == 0 and np.isnan(metrics["train_loss"])
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     assert moved.abs().min() > 0 and torch.isfinite(moved).all()

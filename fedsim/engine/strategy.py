@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -27,8 +28,10 @@ from fedsim.engine.protocol import (
     to_record,
 )
 from fedsim.errors import FedsimError
+from fedsim.evaluation import spread
 from fedsim.fairness.groups import counts_from_metrics, fairness_metrics
 from fedsim.method import AddOn, Arrays, ClientResult, Method, RoundResult, Weighting
+from fedsim.personal import personal_round_metrics
 from fedsim.system import RoundSystem
 
 SETUP_ACTION = "fedsim_setup"  # messages of type query.fedsim_setup: the setup phase
@@ -42,14 +45,17 @@ class FedsimStrategy(Strategy):
     def __init__(self, config: ExperimentConfig, method: Method, add_ons: list[AddOn],
                  client_sizes, listener: Listener | None = None,
                  placement: dict[int, int] | None = None,
-                 data_info: dict[str, Any] | None = None) -> None:
+                 data_info: dict[str, Any] | None = None,
+                 class_groups: np.ndarray | None = None) -> None:
         """`placement` (deployed): client id -> the node that holds it; `data_info`: what nodes
-        need to build the model."""
+        need to build the model; `class_groups`: each class's long-tail group, for personal
+        accuracy on the many / medium / few classes."""
         self.config, self.method, self.add_ons = config, method, add_ons
         self.sampler = CohortSampler(config, client_sizes)
         self.listener = listener
         self.placement = placement
         self.data_info = data_info or {}
+        self.class_groups = class_groups
         self.client_state: dict[int, dict[str, Arrays]] = {}  # simulation: state kept per client
         self.simulated_clock = 0.0
         self._system = RoundSystem(participants=[])
@@ -83,7 +89,7 @@ class FedsimStrategy(Strategy):
         """One task per worker (empty workers get none), clients packed by sample count; when
         deployed, one task per client (each node holds one client)."""
         broadcast = {}
-        if train:
+        if train or self.method.personalizes:  # personal models may be built from it (FedLoGe)
             for component in self.components:
                 if shared := component.broadcast(server_round, arrays):
                     broadcast[component.label()] = shared
@@ -93,12 +99,14 @@ class FedsimStrategy(Strategy):
         experiment = self.config.to_json_dict()
         experiment.pop("output")  # where the server writes results is no business of the workers
         evaluate_first = train and self.evaluates_received(server_round)
+        ships_state = train or self.method.personalizes  # personal models are evaluated from it
         tasks = []
         for group in groups:
             if not group:
                 continue
             clients = [ClientTask(cid, self._plan(server_round, cid) if train else {},
-                                  self.client_state.get(cid, {}) if train else {}) for cid in group]
+                                  self.client_state.get(cid, {}) if ships_state else {})
+                       for cid in group]
             tasks.append(Task(server_round, experiment, arrays, clients, broadcast, reduce,
                               self.data_info, evaluate_first))
         return tasks
@@ -254,13 +262,18 @@ class FedsimStrategy(Strategy):
         self._report("evaluate", server_round, result)
         return MetricRecord(self.evaluation_metrics(result))
 
-    @staticmethod
-    def evaluation_metrics(result: RoundResult) -> dict[str, float]:
-        """A client evaluation's round metrics: loss and accuracy weighted by test examples, and
-        fairness across and within clients when they hold a sensitive attribute."""
+    def evaluation_metrics(self, result: RoundResult) -> dict[str, float]:
+        """A client evaluation's round metrics: loss and accuracy weighted by test examples and
+        the spread of accuracy over clients, for the global model and (personal methods) the
+        personal models, and fairness across and within clients when they hold a sensitive
+        attribute."""
         metrics = {"client_eval_loss": result.weighted_metric("eval_loss", "num_test_examples"),
                    "client_eval_accuracy": result.weighted_metric("eval_accuracy", "num_test_examples"),
                    "client_eval_failures": float(len(result.failures))}
+        accuracy = [c.metrics["eval_accuracy"] for c in result.clients if "eval_accuracy" in c.metrics]
+        if accuracy:
+            metrics.update({f"client_eval_accuracy_{k}": v for k, v in spread(accuracy).items()})
+        metrics.update(personal_round_metrics(result, self.class_groups))
         counts = {c.client_id: counts_from_metrics(c.metrics) for c in result.clients}
         counts = {cid: c for cid, c in counts.items() if c is not None}
         if counts:

@@ -80,6 +80,10 @@ class ExampleLevelDP(AddOn):
 
     @classmethod
     def check_method(cls, method: type[Method]) -> None:
+        if method.local_training is not Method.local_training:
+            raise ConfigError(f"dp_sgd.enabled: strategy '{method.label()}' trains its clients its own "
+                              "way (a personal schedule), which DP-SGD cannot replace; use a strategy "
+                              "with plain local training or switch dp_sgd off")
         if method.loss_terms is not Method.loss_terms:
             raise ConfigError(f"dp_sgd.enabled: strategy '{method.label()}' adds loss terms to local "
                               "training, whose gradients DP-SGD does not clip per example; use a "
@@ -88,10 +92,10 @@ class ExampleLevelDP(AddOn):
 
     # ---- client half ---------------------------------------------------------------------
     def local_training(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
-                       steps: int | None) -> dict[str, float]:
+                       steps: int | None, terms: list) -> dict[str, float]:
         """DP-SGD on a copy of `model` (Opacus' hooks stay off the resident model), then its
-        weights copied into `model`. Opacus is imported here: it takes seconds, and a deployed
-        client starts a process for every message."""
+        weights copied into `model` (`terms`: none, `check` refuses them). Opacus is imported
+        here: it takes seconds, and a deployed client starts a process for every message."""
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
         from opacus.validators import ModuleValidator

@@ -7,6 +7,7 @@ import html
 import numpy as np
 import pandas as pd
 
+from fedsim.evaluation import spread
 from fedsim.report.runs import RunRecord
 
 
@@ -29,13 +30,11 @@ def client_accuracy(run: RunRecord) -> np.ndarray:
 
 def run_metrics(run: RunRecord, target: float) -> dict[str, float]:
     """A run's row of the summary table (epsilon only for runs with differential privacy)."""
-    accuracy = client_accuracy(run)
-    worst = np.sort(accuracy)[:max(1, len(accuracy) // 10)] if len(accuracy) else accuracy
+    clients = spread(client_accuracy(run))
     metrics = {"final accuracy": run.summary["final_accuracy"], "best accuracy": run.summary["best_accuracy"],
                "rounds to target": rounds_to_target(run.rounds, target),
-               "client acc. mean": float(accuracy.mean()) if len(accuracy) else np.nan,
-               "client acc. std": float(accuracy.std()) if len(accuracy) else np.nan,
-               "client acc. worst 10%": float(worst.mean()) if len(worst) else np.nan,
+               "client acc. mean": clients["mean"], "client acc. std": clients["std"],
+               "client acc. worst 10%": clients["worst10"],
                "MB exchanged": float(run.rounds["bytes_exchanged"].sum()) / 1e6,
                "wall seconds": run.summary["seconds"]}
     for column, name in OPTIONAL_COLUMNS.items():
@@ -47,11 +46,18 @@ def run_metrics(run: RunRecord, target: float) -> dict[str, float]:
 # rounds.parquet columns that join the summary (their last value) when a run has them
 OPTIONAL_COLUMNS = {"dp_epsilon": "epsilon", "dp_sgd_epsilon": "example epsilon",
                     "test_accuracy_many": "acc. many", "test_accuracy_medium": "acc. medium",
-                    "test_accuracy_few": "acc. few", "pseudo_label_accuracy": "pseudo-label acc."}
-LOWER_IS_BETTER = {"rounds to target", "client acc. std", "MB exchanged", "wall seconds", "epsilon",
-                   "example epsilon"}
+                    "test_accuracy_few": "acc. few", "pseudo_label_accuracy": "pseudo-label acc.",
+                    "personal_accuracy_mean": "personal acc. mean",
+                    "personal_accuracy_worst10": "personal acc. worst 10%",
+                    "personal_accuracy_std": "personal acc. std",
+                    "personal_accuracy_many": "personal acc. many",
+                    "personal_accuracy_medium": "personal acc. medium",
+                    "personal_accuracy_few": "personal acc. few"}
+LOWER_IS_BETTER = {"rounds to target", "client acc. std", "personal acc. std", "MB exchanged",
+                   "wall seconds", "epsilon", "example epsilon"}
 PERCENT = {"final accuracy", "best accuracy", "client acc. mean", "client acc. std", "client acc. worst 10%",
-           "acc. many", "acc. medium", "acc. few", "pseudo-label acc."}
+           "acc. many", "acc. medium", "acc. few", "pseudo-label acc.", *(
+               name for name in OPTIONAL_COLUMNS.values() if name.startswith("personal"))}
 
 
 def summary_table(runs: list[RunRecord], target: float) -> pd.DataFrame:
