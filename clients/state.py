@@ -82,3 +82,14 @@ class ClientScope:
 
     def save(self, name: str, arrays: Arrays) -> None:
         self.store.save(self.client_id, f"{self.owner}/{name}", arrays)
+
+
+class MemoryStore(dict):
+    """One client's store in a dict: what `ctx.store` offers, for running a method's client half
+    on its own (in tests, or a notebook)."""
+
+    def load(self, name: str) -> Arrays | None:
+        return self.get(name)
+
+    def save(self, name: str, arrays: Arrays) -> None:
+        self[name] = arrays

@@ -8,23 +8,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from clients.state import MemoryStore
 from fedsim.api import run
 from fedsim.config import ClientSection
 from fedsim.data.tensors import LocalData
 from fedsim.method import ClientContext, ClientResult, RoundResult, RunInfo, TrainPlan
 from fedsim.personal import arrays_of
 from strategies.fedloge import FedLoGe, simplex_etf, sparse_etf
-
-
-class Store:
-    def __init__(self):
-        self.saved = {}
-
-    def load(self, name):
-        return self.saved.get(name)
-
-    def save(self, name, arrays):
-        self.saved[name] = arrays
 
 
 def test_the_simplex_etf_has_the_closed_form_gram_matrix():
@@ -58,7 +48,8 @@ def setup(classes=4, dim=6, inputs=5):
     current = arrays_of(model)
     broadcast = {k: torch.as_tensor(v) for k, v in method.broadcast(1, current).items()}
     ctx = ClientContext(0, 1, TrainPlan(), {k: torch.as_tensor(v) for k, v in current.items()}, broadcast,
-                        Store(), ClientSection(batch_size=30, momentum=0.0), lr=0.5, num_classes=classes)
+                        MemoryStore(), ClientSection(batch_size=30, momentum=0.0), lr=0.5,
+                        num_classes=classes)
     x = torch.randn(30, inputs)
     y = torch.tensor([0, 1, 2] * 10)  # class 3 absent
     return model, method, current, ctx, LocalData(x, y, x, y)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clients.state import MemoryStore
 from fedsim.config import ClientSection, load_config
 from fedsim.method import Batch, ClientContext, ClientResult, RoundResult, TrainPlan
 from fedsim.runner import run_experiment
@@ -82,20 +83,12 @@ def test_fednova_runs_and_stragglers_lower_its_effective_steps(tmp_path):
     assert (slowed.to_numpy() < full.to_numpy()).all()
 
 
-class Store(dict):
-    def load(self, name):
-        return self.get(name)
-
-    def save(self, name, arrays):
-        self[name] = arrays
-
-
 def test_moon_contrastive_term_by_hand_and_previous_model_kept():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     global_arrays = {k: v.detach().clone() for k, v in net.state_dict().items()}
     previous = {k: (v + 0.3).numpy() for k, v in global_arrays.items()}
-    store = Store(previous=previous)
+    store = MemoryStore(previous=previous)
 
     def factory():
         return nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
 from clients.runtime import run_evaluate, run_train
-from clients.state import RecordStateStore
+from clients.state import MemoryStore, RecordStateStore
 from clients.training import train_locally
 from fedsim.api import run
 from fedsim.config import ClientSection, load_config
@@ -132,6 +132,23 @@ def test_fedbn_keeps_batch_norm_local_and_refuses_models_without_it():
     keys = batchnorm_keys(model)
     assert "1.running_mean" in keys and "1.weight" in keys
     assert not [k for k in keys if "conv" in k or k.startswith("0.")]
+    from strategies.fedbn import FedBN
+
+    method, store = FedBN(), MemoryStore()
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = ClientContext(0, 1, TrainPlan(), global_state, {}, store, ClientSection(batch_size=8), 0.1)
+    x = torch.randn(16, 1, 8, 8)
+    data = LocalData(x, torch.randint(0, 10, (16,)), x[:0], x[:0, 0, 0, 0].long())
+    method.local_training(ctx, model, data, seed=0, steps=2, terms=[])
+    sent = method.after_training(ctx, model).outputs["model"]
+    assert set(sent) == set(model.state_dict()) - set(keys)
+    kept = store.load("local")
+    assert set(kept) == set(keys)
+    assert not np.allclose(kept["1.running_mean"], global_state["1.running_mean"].numpy())
+    model.load_state_dict(global_state)
+    method.personal_model(ctx, model, data)  # the global model with the client's own batch norm
+    assert np.array_equal(model.state_dict()["1.running_mean"].numpy(), kept["1.running_mean"])
+    assert torch.equal(model.state_dict()["0.weight"], global_state["0.weight"])
 
 
 def node_round(name: str, context: Context, server_round: int, kind: str, tmp_path):

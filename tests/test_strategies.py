@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from clients.state import MemoryStore
 from fedsim.config import ClientSection, load_config
 from fedsim.engine.protocol import WorkerResult, encode_result
 from fedsim.engine.server import RoundLog
@@ -98,19 +99,6 @@ def test_fedopt_matches_the_paper_updates(name):
         np.testing.assert_allclose(w, expected)
 
 
-class DictStore:
-    """A client store in a dict (what `ctx.store` offers a method)."""
-
-    def __init__(self):
-        self.saved = {}
-
-    def load(self, name):
-        return self.saved.get(name)
-
-    def save(self, name, arrays):
-        self.saved[name] = arrays
-
-
 def scaffold_context(model, anchor, server_c, store, lr=0.1) -> ClientContext:
     return ClientContext(0, 1, TrainPlan(), anchor, server_c, store, ClientSection(), lr)
 
@@ -119,7 +107,7 @@ def test_proximal_and_control_variate_terms_have_the_right_gradients():
     model = torch.nn.Linear(3, 2)
     anchor = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     server_c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    ctx = scaffold_context(model, anchor, server_c, DictStore())
+    ctx = scaffold_context(model, anchor, server_c, MemoryStore())
     Proximal(Proximal.Params(mu=0.3), ctx).penalty(model, None).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - anchor[n]))
@@ -134,7 +122,7 @@ def test_scaffold_client_update_is_option_two_and_kept_as_client_state():
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     server_c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     own = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    store = DictStore()
+    store = MemoryStore()
     store.save("control", {n: t.numpy() for n, t in own.items()})
     ctx = scaffold_context(model, anchor, server_c, store, lr=0.05)
     term = Scaffold().loss_terms(ctx)[0]
@@ -148,7 +136,7 @@ def test_scaffold_client_update_is_option_two_and_kept_as_client_state():
     update = Scaffold().after_training(ctx, model)
     for n, p in model.named_parameters():
         new = own[n] - server_c[n] + (anchor[n] - p.detach()) / (4 * 0.05)
-        np.testing.assert_allclose(store.saved["control"][n], new.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(store["control"][n], new.numpy(), rtol=1e-6)
         np.testing.assert_allclose(update.outputs["control_delta"][n], (new - own[n]).numpy(), rtol=1e-5)
 
 
