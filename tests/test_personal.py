@@ -24,6 +24,9 @@ from fedsim.method import ClientContext, ClientResult, RoundResult, RunInfo, Tra
 from fedsim.models import build_model
 from fedsim.personal import batchnorm_keys, head_keys, load_arrays, personal_round_metrics, train_keys
 from fedsim.registry import build_method, check_config
+from fedsim.report.page import build_report
+from fedsim.report.runs import collect_runs
+from fedsim.report.tables import summary_table
 from fedsim.seeding import derive_seed
 
 QUICKSTART = "experiments/quickstart.toml"
@@ -54,15 +57,31 @@ def test_fedper_with_one_client_is_local_training(tmp_path):
         assert row["personal_accuracy"] == pytest.approx(local["accuracy"])
 
 
-def test_personal_metrics_are_in_the_rounds_table_with_the_long_tail_groups(tmp_path):
-    rounds = rounds_of(tmp_path, "strategy.name=fedper", "experiment.rounds=2", "data.partition.imbalance=10")
+def test_personal_metrics_reach_the_rounds_table_and_the_report(tmp_path):
+    summary = run(QUICKSTART, *FAST, f"output.dir={tmp_path}", "strategy.name=fedper", "experiment.rounds=2",
+                  "data.partition.imbalance=10")
+    rounds = pd.read_parquet(summary.run_dir / "rounds.parquet")
     wanted = [f"personal_accuracy_{k}" for k in ("mean", "std", "worst10", "many", "medium", "few")]
     last = rounds.iloc[-1]
     assert all(np.isfinite(last[c]) for c in ["personal_accuracy", "personal_loss", *wanted])
     assert last["personal_accuracy_worst10"] <= last["personal_accuracy_mean"]
+    clients = pd.read_parquet(summary.run_dir / "clients.parquet")
+    final = clients[clients["round"] == 2].dropna(subset=["personal_accuracy"])
+    assert last["personal_accuracy_mean"] == pytest.approx(final["personal_accuracy"].mean())
     plain = rounds_of(tmp_path, "experiment.rounds=1")  # fedavg: no personal model
     assert not [c for c in plain.columns if "personal" in c]
     assert "client_eval_accuracy_worst10" in plain.columns
+    table = summary_table(collect_runs([summary.run_dir]), target=0.5)
+    assert table["personal acc. worst 10% mean"].iloc[0] == last["personal_accuracy_worst10"]
+    page = build_report([summary.run_dir], tmp_path / "report.html")
+    assert "<h2>Personal models</h2>" in page.read_text()
+
+
+def test_dittos_global_model_is_fedavgs(tmp_path):
+    ditto = rounds_of(tmp_path, "strategy.name=ditto", "experiment.rounds=2")
+    fedavg = rounds_of(tmp_path, "experiment.rounds=2")
+    np.testing.assert_array_equal(ditto["test_loss"], fedavg["test_loss"])
+    assert (ditto["personal_accuracy"].iloc[1:] != ditto["client_eval_accuracy"].iloc[1:]).any()
 
 
 def test_pooled_group_accuracy_and_the_spread_over_clients():

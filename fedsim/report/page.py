@@ -19,6 +19,7 @@ from fedsim.config import flat_keys
 from fedsim.report.plots import (
     DECOMPOSITION,
     FAIRNESS,
+    PERSONAL,
     PSEUDO_LABELS,
     client_boxes_svg,
     curves_svg,
@@ -100,6 +101,12 @@ def build_report(paths: list[Path], out: Path, title: str = "fedsim report",
     boxes = client_boxes_svg(runs)
     if boxes:
         sections.append(f"<h2>Per-client accuracy of the final models</h2><figure>{boxes}</figure>")
+    personal = client_boxes_svg(runs, "personal_accuracy")
+    if personal:
+        sections.append("<h2>Personal models</h2><p>Each client's personal model on its local test "
+                        "split, for the variants that have one: mean and worst 10% of clients per "
+                        "round, and every client in the last round with client evaluation.</p>"
+                        f"<figure>{curves_svg(runs, PERSONAL)}</figure><figure>{personal}</figure>")
     hetero = heterogeneity_svg(runs)
     if hetero:
         sections.append("<h2>The federations</h2><p>Label counts per client (first seed of each level, "

@@ -74,10 +74,12 @@ def curves_svg(runs: list[RunRecord], columns: list[tuple[str, str]]) -> str:
     return _svg(fig)
 
 
-def client_boxes_svg(runs: list[RunRecord]) -> str | None:
+def client_boxes_svg(runs: list[RunRecord], column: str = "eval_accuracy") -> str | None:
+    """Boxes of the clients' final local test accuracy (`column` of clients.parquet) per level
+    and variant."""
     plt = _pyplot()
     levels, variants = levels_of(runs), variants_of(runs)
-    data = {(lv, v): np.concatenate([np.zeros(0), *(client_accuracy(r) for r in runs
+    data = {(lv, v): np.concatenate([np.zeros(0), *(client_accuracy(r, column) for r in runs
                                                     if r.level == lv and r.variant == v)])
             for lv in levels for v in variants}  # a (level, variant) without runs stays empty
     if not any(len(a) for a in data.values()):
@@ -204,6 +206,8 @@ def labels_svg(runs: list[RunRecord]) -> str | None:
 PSEUDO_LABELS = [("pseudo_label_accuracy", "pseudo-label accuracy"),
                  ("pseudo_label_coverage", "pseudo-label coverage"),
                  ("pseudo_local_share", "share from the local model")]
+PERSONAL = [("personal_accuracy_mean", "personal accuracy, mean"),
+            ("personal_accuracy_worst10", "personal accuracy, worst 10%")]
 DECOMPOSITION = [("decomp_local", "local loss"), ("decomp_shift", "shift loss"),
                  ("decomp_aggregation", "aggregation loss")]
 FAIRNESS = [("fair_global_sp_gap", "global SP gap"), ("fair_local_sp_gap_mean", "local SP gap (mean)"),

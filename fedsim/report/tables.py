@@ -18,14 +18,15 @@ def rounds_to_target(rounds: pd.DataFrame, target: float) -> float:
     return float(hit["round"].iloc[0]) if len(hit) else float("nan")
 
 
-def client_accuracy(run: RunRecord) -> np.ndarray:
-    """Local test accuracy of each client evaluated in the last round that had client evaluation."""
-    if run.clients.empty or "eval_accuracy" not in run.clients:
+def client_accuracy(run: RunRecord, column: str = "eval_accuracy") -> np.ndarray:
+    """Local test accuracy of each client evaluated in the last round that had client evaluation
+    (of the global model, or with column = "personal_accuracy" of its personal model)."""
+    if run.clients.empty or column not in run.clients:
         return np.array([])
-    evaluated = run.clients.dropna(subset=["eval_accuracy"])
+    evaluated = run.clients.dropna(subset=[column])
     if evaluated.empty:
         return np.array([])
-    return evaluated[evaluated["round"] == evaluated["round"].max()]["eval_accuracy"].to_numpy()
+    return evaluated[evaluated["round"] == evaluated["round"].max()][column].to_numpy()
 
 
 def run_metrics(run: RunRecord, target: float) -> dict[str, float]:
