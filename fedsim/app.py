@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from clients.runtime import SIMULATION, Host, run_evaluate, run_setup, run_train
 from fedsim.engine.strategy import SETUP_ACTION
@@ -19,11 +20,12 @@ from fedsim.engine.strategy import SETUP_ACTION
 HANDLERS = {"train": run_train, "evaluate": run_evaluate, f"query.{SETUP_ACTION}": run_setup}
 
 
-def make_client_app(host_for: Callable[[Context], Host]) -> ClientApp:
-    """A ClientApp whose handlers get data, model and client state from `host_for(context)`."""
+def make_client_app(host_for: Callable[[Context], Host], train_mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp whose handlers get data, model and client state from `host_for(context)`;
+    `train_mods` wrap the training handler (a deployed node's secure aggregation)."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=train_mods)
     def train(msg: Message, context: Context) -> Message:
         """Train the clients packed into this message."""
         return Message(content=run_train(msg.content, host_for(context)), reply_to=msg)

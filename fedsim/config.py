@@ -431,6 +431,17 @@ class DeploymentSection(Section):
                               "experiment dataset's test split), 'none', or a .npz/.csv file")
     node_wait: float = Field(300.0, gt=0, description="seconds the server waits for "
                              "data.num_clients SuperNodes to connect")
+    secure_aggregation: bool = Field(False, description="training rounds through Flower's SecAgg+: "
+                                     "the server learns only the sum of the clients' weighted updates")
+    secagg_shares: float = Field(1.0, gt=0, le=1, description="SecAgg+: the share of a round's "
+                                 "clients each client's key is split among")
+    secagg_threshold: float = Field(0.5, gt=0, le=1, description="SecAgg+: the share of those "
+                                    "shares that rebuilds a key (a round survives while every client "
+                                    "keeps that many active neighbours)")
+    secagg_clipping_range: float = Field(8.0, gt=0, description="SecAgg+: each weighted update "
+                                         "entry is clipped to [-range, range] before quantization")
+    secagg_quantization_bits: int = Field(22, ge=8, le=30, description="SecAgg+: entries are "
+                                          "quantized to 2^bits levels (the modulus is 2^32)")
 
 
 class ExperimentConfig(Section):

@@ -165,6 +165,23 @@ def test_deploy_local_matches_simulation(tmp_path):
         np.testing.assert_allclose(rounds[column], simulated.rounds[column], atol=1e-5)
 
 
+def test_deploy_local_with_secure_aggregation_matches_simulation(tmp_path):
+    """`deployment.secure_aggregation = true`: every training round runs SecAgg+ on the three
+    SuperNodes, and the model is the simulation's to the quantization."""
+    extra = ["strategy.clients_per_round=3", "evaluation.with_training=true"]
+    run_dir = run_local(QUICKSTART, [f"output.dir={tmp_path / 'deployed'}", "experiment.rounds=2",
+                                     "deployment.secure_aggregation=true", *extra], num_nodes=3, timeout=600)
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    assert rounds["secure_aggregation_clients"].dropna().tolist() == [3.0, 3.0]
+    assert "secure aggregation (SecAgg+)" in (run_dir / "log.txt").read_text()
+    simulated = run_experiment(small_config(tmp_path, *extra, "experiment.rounds=2",
+                                            "engine.backend=inprocess",
+                                            f"output.dir={tmp_path / 'simulated'}"))
+    deployed_model = final_model(run_dir)
+    for key, value in final_model(simulated.run_dir).items():
+        np.testing.assert_allclose(deployed_model[key], value, atol=2e-5, rtol=0)
+
+
 @pytest.mark.slow
 def test_dead_supernode_is_reported_and_the_run_goes_on(tmp_path):
     config_file = tmp_path / "exp.toml"

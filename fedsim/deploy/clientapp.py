@@ -15,6 +15,7 @@ from fedsim.app import make_client_app
 from fedsim.config import ExperimentConfig, validate_config
 from fedsim.deploy.node_data import NodeData, load_node_data
 from fedsim.deploy.roster import ROSTER_ACTION, describe_node, request_experiment
+from fedsim.deploy.secure_aggregation import secure_aggregation_mod
 from fedsim.engine.protocol import Task
 from fedsim.models import build_model
 
@@ -41,7 +42,7 @@ class NodeHost:
         return RecordStateStore(self.context.state)
 
 
-app = make_client_app(NodeHost)
+app = make_client_app(NodeHost, train_mods=[secure_aggregation_mod])
 
 
 @app.query(ROSTER_ACTION)

@@ -18,11 +18,12 @@ from fedsim.config import ExperimentConfig
 from fedsim.data.federation import build_federation
 from fedsim.deploy.node_data import read_data_file
 from fedsim.deploy.roster import ROSTER_ACTION, Roster, roster_request
+from fedsim.deploy.secure_aggregation import SecureAggregationTransport, check_secure_aggregation
 from fedsim.engine.server import CentralEvaluator, ProgressCallback
 from fedsim.engine.transports import GridTransport, send_and_receive, wait_for_nodes
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.models import build_model
-from fedsim.registry import check_config
+from fedsim.registry import build_add_ons, build_method, check_config
 from fedsim.runner import RunSummary, execute
 
 PULL_INTERVAL = 0.1  # seconds between the server's pulls of replies from the SuperLink
@@ -98,15 +99,21 @@ def run_deployment(config: ExperimentConfig, grid: Grid,
     """Run `config` with the connected SuperNodes as its clients; write the run directory."""
     check_config(config)
     check_deployable(config)
+    if config.deployment.secure_aggregation:
+        check_secure_aggregation(config, build_method(config), build_add_ons(config))
     roster = collect_roster(grid, config)
     evaluator, input_shape, num_classes = central_evaluator(config, roster)
     data_info = {"input_shape": list(input_shape), "num_classes": num_classes,
                  "num_groups": max(roster.num_groups, evaluator.num_groups)}
 
+    secure = config.deployment.secure_aggregation
+    transport = SecureAggregationTransport if secure else GridTransport
+
     def start(strategy, loop) -> None:
-        loop(GridTransport(strategy, grid, config.engine.timeout, PULL_INTERVAL))
+        loop(transport(strategy, grid, config.engine.timeout, PULL_INTERVAL))
 
     counts = np.pad(roster.label_counts, ((0, 0), (0, num_classes - roster.num_classes)))
     return execute(config, evaluator, roster.sizes, counts, start, progress,
-                   where=f"{len(roster.node_of)} SuperNodes",
+                   where=f"{len(roster.node_of)} SuperNodes"
+                   + (", secure aggregation (SecAgg+)" if secure else ""),
                    placement={"placement": roster.node_of, "data_info": data_info})

@@ -162,4 +162,16 @@ def decode_result(content: RecordDict) -> WorkerResult:
 
 def content_bytes(content: RecordDict) -> int:
     """Bytes a message's records occupy on the wire (arrays, metrics and configs)."""
-    return int(sum(record.count_bytes() for record in content.values()))
+    return int(sum(config_bytes(record) if isinstance(record, ConfigRecord) else record.count_bytes()
+                   for record in content.values()))
+
+
+def config_bytes(record: ConfigRecord) -> int:
+    """A ConfigRecord's bytes as Flower counts them (keys, strings and bytes by length, numbers
+    8, booleans 1), also for the empty lists and strings SecAgg+ sends, which Flower's own
+    `count_bytes` cannot count."""
+    def size(value) -> int:
+        return len(value) if isinstance(value, str | bytes) else 1 if isinstance(value, bool) else 8
+
+    return sum(len(key) + sum(size(v) for v in (value if isinstance(value, list) else [value]))
+               for key, value in record.items())

@@ -224,7 +224,12 @@ class FedsimStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The method's new global model and the round's metrics."""
-        result = self.unpack(self.replies(replies))
+        return self.finish_train(server_round, self.unpack(self.replies(replies)))
+
+    def finish_train(self, server_round: int, result: RoundResult
+                     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The method's new global model and the round's metrics from the unpacked replies
+        (whose means secure aggregation fills in itself)."""
         received = self.split_received(result)
         result.skipped = dict(self._system.skipped)
         self.simulated_clock += self._system.simulated_seconds
