@@ -6,6 +6,8 @@
                      and each round sends two (training, then local evaluation)
   deployed, 1 msg    the same with evaluation.with_training: the training message brings back the
                      local evaluation of the model it carried
+  deployed, SecAgg+  1 msg with deployment.secure_aggregation: each training round is SecAgg+'s four
+                     messages per node
 
 All run the quickstart experiment with N clients (all train every round, local evaluation every
 round). First it times what a deployed message's new process imports (Flower's ClientApp
@@ -74,7 +76,10 @@ def main() -> None:
     runs = {"simulation": simulated,
             "deployed, 2 msgs": run_local(EXPERIMENT, [*common, f"output.dir={out / 'two'}"]),
             "deployed, 1 msg": run_local(EXPERIMENT, [*common, f"output.dir={out / 'one'}",
-                                                      "evaluation.with_training=true"])}
+                                                      "evaluation.with_training=true"]),
+            "deployed, SecAgg+": run_local(EXPERIMENT, [*common, f"output.dir={out / 'secure'}",
+                                                        "evaluation.with_training=true",
+                                                        "deployment.secure_aggregation=true"])}
     print(f"{'way':18s} {'s/round':>8s} {'train s':>8s} {'final acc':>9s} {'client acc':>10s}")
     seconds = {}
     for way, run_dir in runs.items():
@@ -84,15 +89,20 @@ def main() -> None:
         print(f"{way:18s} {seconds[way]:8.3f} {later['train_seconds'].median():8.3f} "
               f"{rounds['test_accuracy'].iloc[-1]:9.4f} {rounds['client_eval_accuracy'].iloc[-1]:10.4f}")
     gaps = {}
-    for way in ("deployed, 2 msgs", "deployed, 1 msg"):
+    for way in ("deployed, 2 msgs", "deployed, 1 msg", "deployed, SecAgg+"):
         with np.load(simulated / "model.npz") as a, np.load(runs[way] / "model.npz") as b:
             gaps[way] = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
     two, one = seconds["deployed, 2 msgs"], seconds["deployed, 1 msg"]
+    secure = seconds["deployed, SecAgg+"]
     print(f"deployed / simulated: {two / seconds['simulation']:.1f} (2 msgs), "
           f"{one / seconds['simulation']:.1f} (1 msg); 1 msg / 2 msgs = {one / two:.2f}; "
-          f"largest weight difference from the simulation {max(gaps.values()):.2e}")
+          f"SecAgg+ / 1 msg = {secure / one:.2f}; largest weight difference from the simulation "
+          f"{gaps['deployed, 2 msgs']:.2e} (2 msgs), {gaps['deployed, 1 msg']:.2e} (1 msg), "
+          f"{gaps['deployed, SecAgg+']:.2e} (SecAgg+)")
     print(json.dumps({"two_messages_over_simulation": round(two / seconds["simulation"], 1),
-                      "one_message_over_two": round(one / two, 2), "max_weight_gap": max(gaps.values())}))
+                      "one_message_over_two": round(one / two, 2), "secure_over_one": round(secure / one, 2),
+                      "max_weight_gap": max(gaps[w] for w in ("deployed, 2 msgs", "deployed, 1 msg")),
+                      "secure_weight_gap": gaps["deployed, SecAgg+"]}))
 
 
 if __name__ == "__main__":

@@ -247,11 +247,21 @@ class Worker:
             ctx.labels = data.y_train
         before = global_model_report(res, data) if self.method.evaluates_global else {}
         if self.task.evaluate_first:
-            local = local_evaluation(res, res.client_data(client.client_id),
-                                     self.config.evaluation.fairness_data)
+            local = self.evaluation(contexts[0], res.client_data(client.client_id), global_arrays)
             before.update({RECEIVED + key: value for key, value in local.items()})
         seed = derive_seed(self.config.experiment.seed, self.task.round, client.client_id)
         return Prepared(client.client_id, contexts, data, self.loss_terms(contexts), seed, before)
+
+    def evaluation(self, ctx: ClientContext, data: LocalData,
+                   global_arrays: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The global model (in the resident model) on the client's local test split, and for a
+        personal method the client's personal model too; leaves the global model in place."""
+        metrics = local_evaluation(self.res, data, self.config.evaluation.fairness_data)
+        if self.method.personalizes:
+            self.method.personal_model(ctx, self.res.model, data)
+            metrics.update(personal_report(self.res.model, data, self.res.num_classes))
+            self.res.load_global(global_arrays)
+        return metrics
 
     def finish(self, client: Prepared, metrics: dict[str, float]) -> ClientResult:
         """The reply of a client whose trained weights are in the resident model: the components'
@@ -436,18 +446,15 @@ def run_evaluate(content: RecordDict, host: Host = SIMULATION) -> RecordDict:
     predictions per sensitive group where `evaluation.fairness_data` says); for a personal
     method, the client's personal model too (`personal_*` metrics)."""
     worker = Worker.start(content, host)
-    res, method = worker.res, worker.method
-    global_arrays = _tensors(worker.task.global_arrays, res.device)
+    global_arrays = _tensors(worker.task.global_arrays, worker.res.device)
+    worker.res.load_global(global_arrays)
     result = WorkerResult()
     for index, client in enumerate(worker.task.clients):
         try:
-            res.load_global(global_arrays)
-            data = res.client_data(client.client_id)
-            reply = local_evaluation(res, data, worker.config.evaluation.fairness_data)
-            if method.personalizes:
-                method.personal_model(worker.contexts(index, global_arrays)[0], res.model, data)
-                reply.update(personal_report(res.model, data, res.num_classes))
+            reply = worker.evaluation(worker.contexts(index, global_arrays)[0],
+                                      worker.res.client_data(client.client_id), global_arrays)
         except Exception as exc:
+            worker.res.load_global(global_arrays)
             result.failures[client.client_id] = f"{type(exc).__name__}: {exc}"
             continue
         result.clients.append(ClientResult(client.client_id, reply))

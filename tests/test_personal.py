@@ -225,3 +225,14 @@ def test_the_simulated_server_aggregates_no_personal_parameters(tmp_path, monkey
     monkeypatch.setattr(FedPer, "aggregate", spy)
     rounds_of(tmp_path, "strategy.name=fedper", "experiment.rounds=2")
     assert seen == [{"1.weight", "1.bias"}] * 2  # the MLP's body (its head: 3.weight, 3.bias)
+
+
+def test_personal_evaluation_rides_on_the_training_message(tmp_path):
+    """evaluation.with_training: the next round's training clients evaluate their personal model
+    before training, which gives the same round metrics as separate evaluation messages."""
+    common = ("strategy.name=fedper", "data.num_clients=6", "strategy.clients_per_round=6",
+              "experiment.rounds=3")
+    separate = rounds_of(tmp_path, *common)
+    riding = rounds_of(tmp_path, *common, "evaluation.with_training=true")
+    for column in ("personal_accuracy", "personal_loss", "personal_accuracy_worst10", "client_eval_accuracy"):
+        np.testing.assert_allclose(riding[column].iloc[1:], separate[column].iloc[1:], rtol=1e-6)
