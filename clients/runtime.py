@@ -258,8 +258,8 @@ class Worker:
         personal method the client's personal model too; leaves the global model in place."""
         metrics = local_evaluation(self.res, data, self.config.evaluation.fairness_data)
         if self.method.personalizes:
-            self.method.personal_model(ctx, self.res.model, data)
-            metrics.update(personal_report(self.res.model, data, self.res.num_classes))
+            if self.method.personal_model(ctx, self.res.model, data):
+                metrics.update(personal_report(self.res.model, data, self.res.num_classes))
             self.res.load_global(global_arrays)
         return metrics
 

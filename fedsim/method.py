@@ -276,11 +276,12 @@ class Method(Component):
         return result.means["model"], {}
 
     # ---- personalization (client half, at evaluation) ------------------------------------------
-    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> None:
+    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> bool:
         """Turn `model`, which holds the global model, into client `ctx.client_id`'s personal
         model in place (its own head, its local model, a head fine-tuned on its data), from what
-        its training kept in `ctx.store`; methods that override it are evaluated per client on
-        both models (`personal_*` metrics)."""
+        its training kept in `ctx.store`; False when the client has none yet (it has never
+        trained), which leaves it out of the personal metrics. Methods that override it are
+        evaluated per client on both models (`personal_*` metrics)."""
         raise NotImplementedError
 
     @property

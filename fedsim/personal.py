@@ -16,7 +16,7 @@ from torch import nn
 
 from clients.training import train_locally
 from fedsim.data.tensors import LocalData
-from fedsim.evaluation import CLASS_GROUPS, spread
+from fedsim.evaluation import CLASS_GROUPS, evaluate, predict, spread
 from fedsim.method import Arrays, ClientContext, ClientUpdate, LossTerm, Method, RoundResult
 
 
@@ -38,10 +38,22 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
     return keys
 
 
-def arrays_of(model: nn.Module, keys: list[str] | None = None) -> Arrays:
-    """Copies of the model's state-dict entries (all, or those named)."""
-    state = model.state_dict()
-    return {k: state[k].detach().cpu().numpy().copy() for k in (state if keys is None else keys)}
+def arrays_of(model: nn.Module) -> Arrays:
+    """Copies of the model's state-dict entries."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def body_names(model: nn.Module) -> list[str]:
+    """The trainable parameters outside the head."""
+    head = set(head_keys(model))
+    return [name for name, _ in model.named_parameters() if name not in head]
+
+
+def without_head(model: nn.Module) -> Arrays:
+    """Copies of the model's state-dict entries outside the head (what a client sends when it
+    keeps or freezes its head)."""
+    head = set(head_keys(model))
+    return {k: v for k, v in arrays_of(model).items() if k not in head}
 
 
 def load_arrays(model: nn.Module, arrays: Arrays) -> None:
@@ -82,11 +94,13 @@ class LocalLayers(Method):
     def local_keys(self, model: nn.Module) -> list[str]:
         raise NotImplementedError
 
-    def restore(self, ctx: ClientContext, model: nn.Module) -> None:
-        """Put the client's own copies of its local entries into `model` (none before its first round)."""
+    def restore(self, ctx: ClientContext, model: nn.Module) -> bool:
+        """Put the client's own copies of its local entries into `model`; False before its first
+        round (it has none)."""
         stored = ctx.store.load("local")
         if stored is not None:
             load_arrays(model, stored)
+        return stored is not None
 
     def train(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
               steps: int | None, terms: list[LossTerm]) -> dict[str, float]:
@@ -101,11 +115,11 @@ class LocalLayers(Method):
     def after_training(self, ctx: ClientContext, model: nn.Module) -> ClientUpdate:
         local = set(self.local_keys(model))
         state = arrays_of(model)
-        ctx.store.save("local", {k: state[k] for k in local})
+        ctx.store.save("local", {k: v for k, v in state.items() if k in local})
         return ClientUpdate(outputs={"model": {k: v for k, v in state.items() if k not in local}})
 
-    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> None:
-        self.restore(ctx, model)
+    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> bool:
+        return self.restore(ctx, model)
 
     def aggregate(self, server_round: int, current: Arrays,
                   result: RoundResult) -> tuple[Arrays, dict[str, float]]:
@@ -113,37 +127,34 @@ class LocalLayers(Method):
 
 
 # ---- personal evaluation: per client, then pooled over the round's clients --------------------
-@torch.no_grad()
 def personal_report(model: nn.Module, data: LocalData, num_classes: int) -> dict[str, float]:
     """A client's personal model on its local test split: loss, accuracy, and per class its
     correct predictions and examples (`personal_correct_<c>`, `personal_count_<c>`), which the
     server pools into accuracy on the long tail's class groups."""
-    was_training = model.training
-    model.eval()
-    logits = model(data.x_test) if len(data.y_test) else None
-    model.train(was_training)
-    if logits is None:
-        return {}
     y = data.y_test
-    right = (logits.argmax(dim=1) == y).float()
+    if not len(y):
+        return {}
+    metrics = evaluate(model, data.x_test, y)
+    right = (predict(model, data.x_test) == y).float()
     correct = torch.zeros(num_classes, device=y.device).index_add_(0, y, right)
     count = torch.bincount(y, minlength=num_classes)
-    out = {"personal_loss": torch.nn.functional.cross_entropy(logits, y).item(),
-           "personal_accuracy": right.mean().item()}
+    out = {"personal_loss": metrics["loss"], "personal_accuracy": metrics["accuracy"]}
     for c in range(num_classes):
         out[f"personal_correct_{c}"], out[f"personal_count_{c}"] = float(correct[c]), float(count[c])
     return out
 
 
 def personal_round_metrics(result: RoundResult, class_groups: np.ndarray | None) -> dict[str, float]:
-    """The round's personal metrics: loss and accuracy weighted by test examples, the spread
-    of accuracy over clients, and accuracy on the long tail's many / medium / few classes
-    (every evaluated client's test examples pooled)."""
+    """The round's personal metrics over the clients that have a personal model (those that
+    trained at least once): loss and accuracy weighted by test examples, their number, the
+    spread of accuracy over them, and accuracy on the long tail's many / medium / few classes
+    (their test examples pooled)."""
     clients = [c for c in result.clients if "personal_accuracy" in c.metrics]
     if not clients:
         return {}
     metrics = {"personal_loss": result.weighted_metric("personal_loss", "num_test_examples"),
-               "personal_accuracy": result.weighted_metric("personal_accuracy", "num_test_examples")}
+               "personal_accuracy": result.weighted_metric("personal_accuracy", "num_test_examples"),
+               "personal_clients": float(len(clients))}
     metrics.update({f"personal_accuracy_{k}": v for k, v in
                     spread([c.metrics["personal_accuracy"] for c in clients]).items()})
     if class_groups is not None:

@@ -159,6 +159,10 @@ def check_config(config: ExperimentConfig) -> None:
     if not issubclass(cls, FlowerStrategy):  # a Flower strategy's arguments: checked by its check
         _check_params(cls.Params, config.strategy.params, "strategy", f"strategy '{cls.label()}'")
     cls.check(config)
+    if config.evaluation.decomposition and cls.personal_model is not Method.personal_model:
+        raise ConfigError(f"evaluation.decomposition with strategy '{cls.label()}': the "
+                          "decomposition evaluates every client's whole model, and a personal "
+                          "method's clients keep part of theirs; set it to false")
     for name, add_on in ADD_ONS.items():
         if getattr(config, name).enabled:
             add_on.check(config)

@@ -44,7 +44,8 @@ class Ditto(Method):
         metrics["train_seconds"] += own["train_seconds"]
         return metrics
 
-    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> None:
+    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> bool:
         stored = ctx.store.load("personal")
         if stored is not None:
             load_arrays(model, stored)
+        return stored is not None

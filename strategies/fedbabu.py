@@ -17,7 +17,7 @@ from torch import nn
 
 from fedsim.data.tensors import LocalData
 from fedsim.method import Arrays, ClientContext, ClientUpdate, LossTerm, Method, NoParams, RoundResult
-from fedsim.personal import arrays_of, head_keys, train_keys
+from fedsim.personal import body_names, head_keys, train_keys, without_head
 from fedsim.seeding import derive_seed
 
 FINETUNE_STREAM = 2  # the seed stream of the evaluation-time fine-tuning
@@ -35,23 +35,22 @@ class FedBABU(Method):
 
     def local_training(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
                        steps: int | None, terms: list[LossTerm]) -> dict[str, float]:
-        head = set(head_keys(model))
-        body = [name for name, _ in model.named_parameters() if name not in head]
-        return train_keys(ctx, model, data, body, seed, steps, terms)
+        return train_keys(ctx, model, data, body_names(model), seed, steps, terms)
 
     def after_training(self, ctx: ClientContext, model: nn.Module) -> ClientUpdate:
-        head = set(head_keys(model))
-        return ClientUpdate(outputs={"model": {k: v for k, v in arrays_of(model).items() if k not in head}})
+        return ClientUpdate(outputs={"model": without_head(model)})
 
     def aggregate(self, server_round: int, current: Arrays,
                   result: RoundResult) -> tuple[Arrays, dict[str, float]]:
         return {**current, **result.means["model"]}, {}
 
-    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> None:
-        if not self.params.finetune_epochs or not len(data.y_train):
-            return
-        keys = (head_keys(model) if self.params.finetune == "head"
-                else [name for name, _ in model.named_parameters()])
-        steps = self.params.finetune_epochs * math.ceil(len(data.y_train) / ctx.settings.batch_size)
-        seed = derive_seed(ctx.seed, ctx.server_round, ctx.client_id, FINETUNE_STREAM)
-        train_keys(ctx, model, data, keys, seed, steps, [])
+    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> bool:
+        """The global model fine-tuned on the client's training data (the same batches every
+        time: the seed depends on the client only)."""
+        if self.params.finetune_epochs and len(data.y_train):
+            keys = (head_keys(model) if self.params.finetune == "head"
+                    else [name for name, _ in model.named_parameters()])
+            steps = self.params.finetune_epochs * math.ceil(len(data.y_train) / ctx.settings.batch_size)
+            train_keys(ctx, model, data, keys, derive_seed(ctx.seed, ctx.client_id, FINETUNE_STREAM),
+                       steps, [])
+        return True

@@ -182,6 +182,10 @@ class FedLabel(AddOn):
 
     @classmethod
     def check_method(cls, method: type[Method]) -> None:
+        if method.personal_model is not Method.personal_model:
+            raise ConfigError(f"fedlabel: strategy '{method.label()}' keeps personal parameters "
+                              "on its clients and sends only part of its model, which fedlabel's "
+                              "sum of two updates would not match; switch one of them off")
         if set(method.outputs) != {"model"}:
             raise ConfigError(f"fedlabel: strategy '{method.label()}' sends more than the model "
                               "(e.g. control variates computed from it), which fedlabel's sum of two "

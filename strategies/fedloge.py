@@ -13,7 +13,8 @@ output is the feature vector f.
 - Client: each batch trains the backbone on CE(SSE-C(f), y), and, on the detached features,
   an auxiliary global head g (CE(g(f), y)) and the client's own local head l (CE(l(f), y)),
   one SGD step on the sum (the parameter sets are disjoint, so this is the code's three steps
-  on one batch's features). It sends the backbone and g, and keeps l.
+  on one batch's features; the round's `train_loss` is that sum of three cross-entropies).
+  It sends the backbone and g, and keeps l.
 - Server: the sample-weighted means of the backbones and of g.
 - GLA-FR, generic model: g's rows realigned to one norm, W_c = realign_scale * g_c / ||g_c||,
   with g's bias. The global model's head holds this realigned head, so the central evaluation
@@ -54,18 +55,21 @@ from fedsim.method import (
     NoParams,
     RoundResult,
 )
-from fedsim.personal import arrays_of, head_keys, load_arrays
+from fedsim.personal import arrays_of, head_keys, load_arrays, without_head
 from fedsim.seeding import derive_seed
 
 SSE_STREAM, LOCAL_HEAD_STREAM = 4, 5  # seed streams of the SSE-C and of the clients' first local heads
 ETF_LR = 1e-4  # the SSE-C refinement's Adam step size (the paper's code)
+MASKED_LOGIT = -30.0  # a masked class's personal logit (the code's -1e10 weights): never predicted
+# while a present class scores above it, and a test example of it costs a finite loss
 
 
 def simplex_etf(classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """The simplex ETF, one unit-norm row per class (classes x dim): pairwise cosines -1/(K-1)."""
     if dim < classes:
-        raise ValueError(f"fedloge: the feature dimension ({dim}) must be at least the number of "
-                         f"classes ({classes}) for an equiangular tight frame")
+        raise ConfigError(f"fedloge: the model's feature dimension ({dim}) must be at least the "
+                          f"number of classes ({classes}) for an equiangular tight frame; use a "
+                          "wider last hidden layer (model.hidden)")
     basis, _ = torch.linalg.qr(torch.rand(dim, classes, generator=generator, dtype=torch.float64))
     centre = torch.eye(classes, dtype=torch.float64) - 1.0 / classes
     return (math.sqrt(classes / (classes - 1)) * basis @ centre).T
@@ -149,13 +153,17 @@ class FedLoGe(Method):
         if config.model.name == "logreg":
             raise ConfigError("fedloge trains a backbone under a fixed classifier, and logistic "
                               "regression has no backbone: use model.name = 'mlp', 'cnn' or 'resnet'")
+        if "proximal" in config.client.objectives:
+            raise ConfigError("fedloge with client.objectives.proximal: its clients train a "
+                              "backbone and two heads of their own, which the proximal term's "
+                              "anchor (the global model) does not name; remove the objective")
 
     # ---- server half ------------------------------------------------------------------------
     def head_of(self, current: Arrays) -> tuple[str, str]:
-        """The head's keys: the last trainable 2-d weight and the bias after it."""
-        names = self.run.param_names
-        weight = [n for n in names if current[n].ndim == 2][-1]
-        return weight, names[names.index(weight) + 1]
+        """The head's keys: the last trainable 2-d weight (the last nn.Linear's, which clients
+        check is the model's last layer) and its bias."""
+        weight = [n for n in self.run.param_names if current[n].ndim == 2][-1]
+        return weight, weight.removesuffix("weight") + "bias"
 
     def broadcast(self, server_round: int, current: Arrays) -> Arrays:
         if "sse" not in self.state:  # first round: build SSE-C and the auxiliary head
@@ -191,8 +199,10 @@ class FedLoGe(Method):
 
     @staticmethod
     def backbone(model: nn.Module) -> nn.Module:
-        if not (isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear)):
-            raise ValueError("fedloge needs an nn.Sequential model whose last layer is its nn.Linear head")
+        if not (isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear)
+                and model[-1].bias is not None):
+            raise ValueError("fedloge needs an nn.Sequential model whose last layer is its nn.Linear "
+                             "head, with a bias")
         return model[:-1]
 
     def local_training(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
@@ -207,13 +217,14 @@ class FedLoGe(Method):
         return metrics
 
     def after_training(self, ctx: ClientContext, model: nn.Module) -> ClientUpdate:
-        head = set(head_keys(model))
-        return ClientUpdate(outputs={"model": {k: v for k, v in arrays_of(model).items() if k not in head},
-                                     "aux": ctx.scratch["aux"]})
+        return ClientUpdate(outputs={"model": without_head(model), "aux": ctx.scratch["aux"]})
 
-    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> None:
+    def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> bool:
         """The global backbone with one head: the local head plus the auxiliary head whose rows
-        take the local head's norms, the classes absent from the client's training data masked."""
+        take the local head's norms, the classes absent from the client's training data masked
+        (their logit is MASKED_LOGIT); none before the client's first round."""
+        if ctx.store.load("local") is None:
+            return False
         g_weight, g_bias = ctx.broadcast["aux.weight"], ctx.broadcast["aux.bias"]
         classes, dim = g_weight.shape
         local = self.local_head(ctx, classes, dim, g_weight.device)
@@ -221,5 +232,6 @@ class FedLoGe(Method):
             weight = local.weight + g_weight * local.weight.norm(dim=1, keepdim=True)
             bias = local.bias + g_bias
             absent = torch.bincount(data.y_train, minlength=classes) == 0
-            weight[absent], bias[absent] = 0.0, -1e9
+            weight[absent], bias[absent] = 0.0, MASKED_LOGIT
         load_arrays(model, dict(zip(head_keys(model), (weight, bias), strict=True)))
+        return True

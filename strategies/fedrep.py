@@ -14,7 +14,7 @@ from torch import nn
 
 from fedsim.data.tensors import LocalData
 from fedsim.method import ClientContext, LossTerm, NoParams
-from fedsim.personal import LocalLayers, head_keys, train_keys
+from fedsim.personal import LocalLayers, body_names, head_keys, train_keys
 from fedsim.seeding import derive_seed
 
 
@@ -32,11 +32,9 @@ class FedRep(LocalLayers):
 
     def train(self, ctx: ClientContext, model: nn.Module, data: LocalData, seed: int,
               steps: int | None, terms: list[LossTerm]) -> dict[str, float]:
-        head = head_keys(model)
-        body = [name for name, _ in model.named_parameters() if name not in head]
         head_steps = self.params.head_epochs * math.ceil(len(data.y_train) / ctx.settings.batch_size)
-        first = train_keys(ctx, model, data, head, derive_seed(seed, 1), head_steps, terms)
-        metrics = train_keys(ctx, model, data, body, seed, steps, terms)
+        first = train_keys(ctx, model, data, head_keys(model), derive_seed(seed, 1), head_steps, terms)
+        metrics = train_keys(ctx, model, data, body_names(model), seed, steps, terms)
         metrics["head_train_loss"] = first["train_loss"]
         metrics["train_seconds"] += first["train_seconds"]
         return metrics

@@ -236,3 +236,12 @@ def test_personal_evaluation_rides_on_the_training_message(tmp_path):
     riding = rounds_of(tmp_path, *common, "evaluation.with_training=true")
     for column in ("personal_accuracy", "personal_loss", "personal_accuracy_worst10", "client_eval_accuracy"):
         np.testing.assert_allclose(riding[column].iloc[1:], separate[column].iloc[1:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["privacy.enabled=true"], "personal parameters"),
+    (["fedlabel.enabled=true", "data.labels.fraction=0.5"], "personal parameters"),
+    (["evaluation.decomposition=true"], "keep part of theirs")])
+def test_what_would_send_or_read_personal_parameters_is_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        check_config(load_config(QUICKSTART, ["strategy.name=fedper", *overrides]))

@@ -80,16 +80,20 @@ def deploy(tmp_path, name: str, *overrides: str, fail=frozenset()):
 
 
 def test_the_secure_sum_gives_the_plain_model_and_no_update_reaches_the_server(tmp_path):
-    plain, plain_rounds, _, _ = deploy(tmp_path, "plain")
-    secure, rounds, grid, run_dir = deploy(tmp_path, "secure", "deployment.secure_aggregation=true")
-    for key, value in plain.items():  # to the quantization (2^22 levels over [-8, 8])
+    """One round: the model equals the plain one to SecAgg+'s stochastic quantization (each
+    client's weighted entry rounds to one of 2^22 levels over [-8, 8]: at most 3 x 3.8e-6 over
+    the weights' total of about 2 here); later rounds drift further, as training amplifies it."""
+    plain, plain_rounds, _, _ = deploy(tmp_path, "plain", "experiment.rounds=1")
+    secure, rounds, grid, run_dir = deploy(tmp_path, "secure", "deployment.secure_aggregation=true",
+                                           "experiment.rounds=1")
+    for key, value in plain.items():
         np.testing.assert_allclose(secure[key], value, atol=2e-5, rtol=0)
     assert not np.array_equal(secure["1.weight"], plain["1.weight"])  # quantized: not the same bits
     np.testing.assert_allclose(rounds["test_accuracy"], plain_rounds["test_accuracy"], atol=0.01)
-    assert rounds["secure_aggregation_clients"].dropna().tolist() == [3.0, 3.0]
+    assert rounds["secure_aggregation_clients"].dropna().tolist() == [3.0]
     trained = [r for r in grid.replies
                if not r.has_error() and RECORD_KEY_CONFIGS in r.content.config_records]
-    assert len(trained) == 3 * 4 * 2  # three nodes, four SecAgg+ stages, two rounds
+    assert len(trained) == 3 * 4  # three nodes, four SecAgg+ stages
     for reply in trained:  # no array of a client's reaches the server unmasked
         arrays = [r for r in reply.content.values() if isinstance(r, ArrayRecord)]
         assert all(len(record) == 0 for record in arrays)
@@ -109,10 +113,12 @@ def test_a_node_that_drops_mid_round_does_not_stop_it(tmp_path, stage):
 
 
 def test_secure_aggregation_refuses_what_a_sum_cannot_serve(tmp_path):
-    for override, match in (("strategy.name=scaffold", "needs more than the weighted sum"),
-                            ("strategy.name=fedper", "personal layers"),
-                            ("strategy.clients_per_round=1", "at least two clients")):
+    for overrides, match in ((["strategy.name=scaffold"], "needs more than the weighted sum"),
+                             (["strategy.name=fedper"], "personal layers"),
+                             (["strategy.clients_per_round=1"], "at least two clients"),
+                             (["data.num_clients=5", "strategy.clients_per_round=5",
+                               "deployment.secagg_quantization_bits=30"], "at most 29 bits")):
         config = load_config(QUICKSTART, ["data.num_clients=3", "strategy.clients_per_round=3",
-                                          "deployment.secure_aggregation=true", override])
+                                          "deployment.secure_aggregation=true", *overrides])
         with pytest.raises(ConfigError, match=match), server_task_identity():
             run_deployment(config, NodesGrid(tmp_path))

@@ -20,6 +20,7 @@ the server half hands it a small legacy strategy that only names the nodes and k
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -72,9 +73,15 @@ def check_secure_aggregation(config: ExperimentConfig, method, add_ons) -> None:
         raise ConfigError("deployment.secure_aggregation with "
                           f"{', '.join(a.label() for a in add_ons)}: add-ons are not supported under "
                           "secure aggregation; switch them or secure aggregation off")
-    if cohort_size(config, config.data.num_clients) < 2:
+    cohort = cohort_size(config, config.data.num_clients)
+    if cohort < 2:
         raise ConfigError("deployment.secure_aggregation needs at least two clients a round "
                           "(strategy.clients_per_round): a sum of one update is that update")
+    bits = config.deployment.secagg_quantization_bits
+    if cohort * 2 ** bits >= 2 ** 32:
+        raise ConfigError(f"deployment.secagg_quantization_bits = {bits}: the sum of {cohort} "
+                          "clients' quantized updates would overflow SecAgg+'s 2^32 modulus; use "
+                          f"at most {math.ceil(32 - math.log2(cohort)) - 1} bits")
     if config.evaluation.decomposition:
         raise ConfigError("deployment.secure_aggregation with evaluation.decomposition: the "
                           "decomposition needs every client's model")
@@ -89,6 +96,8 @@ def offer_update(reply: RecordDict, task: RecordDict) -> None:
     if failures or "sum.model" not in reply:
         raise RuntimeError(f"the client failed, so it has no update for the secure sum: {failures}")
     weight = float(reply["weights"]["model"])
+    if weight <= 0:
+        raise RuntimeError("the client has no training examples, so it has no update for the secure sum")
     received = from_record(task["global"])
     model = {k: v / weight for k, v in from_record(reply["sum.model"]).items()}
     update = [(model[k] - received[k]).astype(np.float64) for k in secured_names(received)]

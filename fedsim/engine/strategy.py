@@ -89,10 +89,13 @@ class FedsimStrategy(Strategy):
         """One task per worker (empty workers get none), clients packed by sample count; when
         deployed, one task per client (each node holds one client)."""
         broadcast = {}
-        if train or self.method.personalizes:  # personal models may be built from it (FedLoGe)
-            for component in self.components:
-                if shared := component.broadcast(server_round, arrays):
-                    broadcast[component.label()] = shared
+        # training: every component's; evaluation: a personal method's own (FedLoGe builds its
+        # personal models from it), from round 1 on
+        senders = self.components if train else [self.method] if (
+            self.method.personalizes and server_round > 0) else []
+        for component in senders:
+            if shared := component.broadcast(server_round, arrays):
+                broadcast[component.label()] = shared
         reduce = None if (self.replies_per_client or not train) else self.weightings
         groups = ([[cid] for cid in cohort] if self.placement is not None
                   else pack_balanced(cohort, self.sampler.client_sizes, num_workers))

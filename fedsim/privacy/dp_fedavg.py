@@ -103,6 +103,11 @@ class ClientLevelDP(AddOn):
 
     @classmethod
     def check_method(cls, method: type[Method]) -> None:
+        if method.personal_model is not Method.personal_model:
+            raise ConfigError(f"privacy.enabled: strategy '{method.label()}' keeps personal "
+                              "parameters on its clients, which client-level DP would clip and send "
+                              "with the model; use a strategy without personal models or switch "
+                              "privacy off")
         if method.per_client_updates or set(method.outputs) != {"model"}:
             raise ConfigError(
                 f"privacy.enabled: strategy '{method.label()}' aggregates more than a mean of the "
