@@ -89,10 +89,12 @@ class FedsimStrategy(Strategy):
         """One task per worker (empty workers get none), clients packed by sample count; when
         deployed, one task per client (each node holds one client)."""
         broadcast = {}
-        # training: every component's; evaluation: a personal method's own (FedLoGe builds its
-        # personal models from it), from round 1 on
-        senders = self.components if train else [self.method] if (
-            self.method.personalizes and server_round > 0) else []
+        if train:
+            senders = self.components
+        elif self.method.personalizes and server_round > 0:
+            senders = [self.method]  # personal models may be built from it (FedLoGe's)
+        else:
+            senders = []
         for component in senders:
             if shared := component.broadcast(server_round, arrays):
                 broadcast[component.label()] = shared
