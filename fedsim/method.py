@@ -306,5 +306,6 @@ class AddOn(Component):
 
 
 def overrides(obj: object, base: type, name: str) -> bool:
-    """Whether `obj`'s class replaces `base`'s method `name`."""
-    return getattr(type(obj), name) is not getattr(base, name)
+    """Whether `obj` (a class, or an instance of one) replaces `base`'s method `name`."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return getattr(cls, name) is not getattr(base, name)

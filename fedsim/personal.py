@@ -85,6 +85,12 @@ def train_keys(ctx: ClientContext, model: nn.Module, data: LocalData, keys: list
         return train_locally(model, data, ctx.settings, terms, seed, ctx.lr, steps=steps)
 
 
+def with_means(current: Arrays, result: RoundResult) -> Arrays:
+    """The global arrays with every entry the clients sent replaced by its mean (the entries they
+    keep or freeze stay as they were)."""
+    return {**current, **result.means["model"]}
+
+
 class LocalLayers(Method):
     """A method whose clients keep the state-dict entries `local_keys` to themselves. A client
     trains from the global model with its own copies of those entries (the global ones until it
@@ -123,7 +129,7 @@ class LocalLayers(Method):
 
     def aggregate(self, server_round: int, current: Arrays,
                   result: RoundResult) -> tuple[Arrays, dict[str, float]]:
-        return {**current, **result.means["model"]}, {}
+        return with_means(current, result), {}
 
 
 # ---- personal evaluation: per client, then pooled over the round's clients --------------------

@@ -14,7 +14,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data.sources import check_dataset_name, check_sensitive, has_sensitive_attribute
 from fedsim.engine.cohort import cohort_size
 from fedsim.errors import ConfigError
-from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo
+from fedsim.method import AddOn, ClientContext, LossTerm, Method, RunInfo, overrides
 from fedsim.models import check_model
 from fedsim.plugins import is_plugin, is_process_local, load_object, map_plugins
 from fedsim.privacy.dp_fedavg import ClientLevelDP
@@ -159,7 +159,7 @@ def check_config(config: ExperimentConfig) -> None:
     if not issubclass(cls, FlowerStrategy):  # a Flower strategy's arguments: checked by its check
         _check_params(cls.Params, config.strategy.params, "strategy", f"strategy '{cls.label()}'")
     cls.check(config)
-    if config.evaluation.decomposition and cls.personal_model is not Method.personal_model:
+    if config.evaluation.decomposition and overrides(cls, Method, "personal_model"):
         raise ConfigError(f"evaluation.decomposition with strategy '{cls.label()}': the "
                           "decomposition evaluates every client's whole model, and a personal "
                           "method's clients keep part of theirs; set it to false")

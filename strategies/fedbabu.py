@@ -17,7 +17,7 @@ from torch import nn
 
 from fedsim.data.tensors import LocalData
 from fedsim.method import Arrays, ClientContext, ClientUpdate, LossTerm, Method, NoParams, RoundResult
-from fedsim.personal import body_names, head_keys, train_keys, without_head
+from fedsim.personal import body_names, head_keys, train_keys, with_means, without_head
 from fedsim.seeding import derive_seed
 
 FINETUNE_STREAM = 2  # the seed stream of the evaluation-time fine-tuning
@@ -42,7 +42,7 @@ class FedBABU(Method):
 
     def aggregate(self, server_round: int, current: Arrays,
                   result: RoundResult) -> tuple[Arrays, dict[str, float]]:
-        return {**current, **result.means["model"]}, {}
+        return with_means(current, result), {}
 
     def personal_model(self, ctx: ClientContext, model: nn.Module, data: LocalData) -> bool:
         """The global model fine-tuned on the client's training data (the same batches every

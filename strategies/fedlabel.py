@@ -41,7 +41,7 @@ from clients.augment import augment, draw_keys
 from clients.training import make_optimizer
 from fedsim.config import ExperimentConfig, FedLabelSection
 from fedsim.errors import ConfigError
-from fedsim.method import AddOn, ClientContext, ClientUpdate, Method, RoundResult
+from fedsim.method import AddOn, ClientContext, ClientUpdate, Method, RoundResult, overrides
 from fedsim.seeding import derive_seed
 
 FEDLABEL_STREAM = 0xFED1AB
@@ -182,7 +182,7 @@ class FedLabel(AddOn):
 
     @classmethod
     def check_method(cls, method: type[Method]) -> None:
-        if method.personal_model is not Method.personal_model:
+        if overrides(method, Method, "personal_model"):
             raise ConfigError(f"fedlabel: strategy '{method.label()}' keeps personal parameters "
                               "on its clients and sends only part of its model, which fedlabel's "
                               "sum of two updates would not match; switch one of them off")

@@ -55,7 +55,7 @@ from fedsim.method import (
     NoParams,
     RoundResult,
 )
-from fedsim.personal import arrays_of, head_keys, load_arrays, without_head
+from fedsim.personal import arrays_of, head_keys, load_arrays, with_means, without_head
 from fedsim.seeding import derive_seed
 
 SSE_STREAM, LOCAL_HEAD_STREAM = 4, 5  # seed streams of the SSE-C and of the clients' first local heads
@@ -182,7 +182,7 @@ class FedLoGe(Method):
         weight, bias = self.head_of(current)
         norms = np.linalg.norm(aux["weight"], axis=1, keepdims=True)
         realigned = (self.params.realign_scale * aux["weight"] / np.maximum(norms, 1e-12))
-        return {**current, **result.means["model"], weight: realigned.astype(current[weight].dtype),
+        return {**with_means(current, result), weight: realigned.astype(current[weight].dtype),
                 bias: aux["bias"].astype(current[bias].dtype)}, {"aux_row_norm_ratio": float(
                     norms.max() / max(norms.min(), 1e-12))}
 
@@ -223,15 +223,15 @@ class FedLoGe(Method):
         """The global backbone with one head: the local head plus the auxiliary head whose rows
         take the local head's norms, the classes absent from the client's training data masked
         (their logit is MASKED_LOGIT); none before the client's first round."""
-        if ctx.store.load("local") is None:
+        stored = ctx.store.load("local")
+        if stored is None:
             return False
         g_weight, g_bias = ctx.broadcast["aux.weight"], ctx.broadcast["aux.bias"]
-        classes, dim = g_weight.shape
-        local = self.local_head(ctx, classes, dim, g_weight.device)
+        l_weight, l_bias = (torch.as_tensor(stored[k], device=g_weight.device) for k in ("weight", "bias"))
         with torch.no_grad():
-            weight = local.weight + g_weight * local.weight.norm(dim=1, keepdim=True)
-            bias = local.bias + g_bias
-            absent = torch.bincount(data.y_train, minlength=classes) == 0
+            weight = l_weight + g_weight * l_weight.norm(dim=1, keepdim=True)
+            bias = l_bias + g_bias
+            absent = torch.bincount(data.y_train, minlength=len(bias)) == 0
             weight[absent], bias[absent] = 0.0, MASKED_LOGIT
         load_arrays(model, dict(zip(head_keys(model), (weight, bias), strict=True)))
         return True

@@ -37,7 +37,17 @@ from torch import nn
 from fedsim.config import ExperimentConfig, PrivacySection
 from fedsim.engine.cohort import cohort_size
 from fedsim.errors import ConfigError
-from fedsim.method import AddOn, Arrays, ClientContext, ClientUpdate, Method, RoundResult, RunInfo, Weighting
+from fedsim.method import (
+    AddOn,
+    Arrays,
+    ClientContext,
+    ClientUpdate,
+    Method,
+    RoundResult,
+    RunInfo,
+    Weighting,
+    overrides,
+)
 from fedsim.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -103,7 +113,7 @@ class ClientLevelDP(AddOn):
 
     @classmethod
     def check_method(cls, method: type[Method]) -> None:
-        if method.personal_model is not Method.personal_model:
+        if overrides(method, Method, "personal_model"):
             raise ConfigError(f"privacy.enabled: strategy '{method.label()}' keeps personal "
                               "parameters on its clients, which client-level DP would clip and send "
                               "with the model; use a strategy without personal models or switch "
