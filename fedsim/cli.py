@@ -210,8 +210,8 @@ def deploy_local(
 @app.command()
 def pretrain(
     experiment: Annotated[Path, typer.Argument(help="experiment spec (TOML) with data.holdout > 0")],
-    out: Annotated[Path, typer.Option(help="the state dict to write (for model.init)")]
-    = Path("pretrained.pt"),
+    out: Annotated[Path | None, typer.Option(
+        help="the state dict to write (default: the spec's model.init, else pretrained.pt)")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="passes over the held-out rows")] = 5,
     set_: Annotated[list[str], typer.Option(
         "--set", help="override a key: --set data.holdout=0.1")] = [],  # noqa: B006

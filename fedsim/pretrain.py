@@ -39,14 +39,21 @@ class Pretrained:
     train_loss: float
 
 
-def pretrain(config: ExperimentConfig, out: Path, epochs: int) -> Pretrained:
-    """Train `config`'s model centrally on the held-out rows; write weights (and an encoder)."""
+def pretrain(config: ExperimentConfig, out: Path | None, epochs: int) -> Pretrained:
+    """Train `config`'s model centrally on the held-out rows; write weights (and an encoder) to
+    `out`, by default to the file the spec's `model.init` names (so one spec serves both steps)."""
+    init = config.model.init
+    if out is None:
+        out = Path(init) if init is not None else Path("pretrained.pt")
+    if init is not None and Path(init).resolve() == out.resolve():
+        config = config.model_copy(update={"model": config.model.model_copy(update={"init": None})})
     if config.data.holdout <= 0:
         raise ConfigError("fedsim pretrain trains on the rows the federation leaves out: set "
                           "data.holdout (e.g. --set data.holdout=0.1) here and in the experiments "
                           "that use the result")
     if config.model.init is not None:
-        raise ConfigError("model.init is set: pretraining starts from the model's own initialization")
+        raise ConfigError(f"model.init = {config.model.init} is not the output file: pretraining "
+                          "starts from the model's own initialization (drop --out to write model.init)")
     dataset = load_source(config.data, config.experiment.seed)
     held = holdout_split(dataset, config.data.holdout)[1]
     model = build_model(config.model, held.input_shape, held.num_classes, config.experiment.seed)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from fedsim.cli import app
 from fedsim.compare import load_comparison, run_comparison
 from fedsim.config import load_config
 from fedsim.errors import ConfigError
@@ -162,10 +164,27 @@ def test_published_numbers_are_checked_before_any_cell_runs(tmp_path):
         load_comparison(write_spec(tmp_path, SPEC + PUBLISHED.replace('source', 'metric = "acc"\nsource')))
 
 
-@pytest.mark.parametrize("spec", sorted(ROOT.glob("experiments/**/*.toml")), ids=lambda p: p.stem)
-def test_every_experiment_spec_validates(spec, tmp_path):
+def run_pretrain_steps(spec: Path) -> None:
+    """Run the `fedsim pretrain` lines of a spec's header (its files named relative to the
+    working directory), for one epoch each."""
+    for line in spec.read_text().splitlines():
+        if line.lstrip("# ").startswith("fedsim pretrain "):
+            args = line.lstrip("# ").split()[2:]
+            args = [str(ROOT / a) if a.endswith(".toml") else a for a in args]
+            epochs = args.index("--epochs") + 1 if "--epochs" in args else None
+            if epochs is not None:
+                args[epochs] = "1"
+            result = CliRunner().invoke(app, ["pretrain", *args])
+            assert result.exit_code == 0, f"{line}: {result.output}"
+
+
+@pytest.mark.parametrize("spec", sorted(ROOT.glob("experiments/**/*.toml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_every_experiment_spec_validates(spec, tmp_path, monkeypatch):
     """Each shipped spec passes every check a run makes before it starts (each cell of a
-    comparison)."""
+    comparison), after the pretraining its header prescribes."""
+    monkeypatch.chdir(tmp_path)
+    run_pretrain_steps(spec)
     overrides = [f"output.dir={tmp_path}"]
     if "[compare" in spec.read_text():
         _, cells = load_comparison(spec, overrides)

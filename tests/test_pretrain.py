@@ -63,3 +63,16 @@ def test_mistakes_are_one_clear_line(tmp_path):
     np.savez(tmp_path / "wrong.npz", w=np.zeros(3))
     with pytest.raises(ConfigError, match="does not fit the model.*missing"):
         run_experiment(load_config(None, [*QUICK, f"model.init={tmp_path / 'wrong.npz'}"]))
+
+
+def test_one_spec_serves_pretraining_and_fine_tuning(tmp_path):
+    """Without --out, pretrain writes the file the spec's model.init names; another target
+    with model.init set is refused (pretraining starts from the model's own initialization)."""
+    init = tmp_path / "spec-init.pt"
+    sets = sum((["--set", k] for k in [*QUICK, f"model.init={init}"]), [])
+    result = CliRunner().invoke(app, ["pretrain", "experiments/quickstart.toml", "--epochs", "2", *sets])
+    assert result.exit_code == 0, result.output
+    assert init.is_file() and f"weights: {init}" in result.output.replace("\n", "")
+    other = CliRunner().invoke(app, ["pretrain", "experiments/quickstart.toml",
+                                     "--out", str(tmp_path / "b.pt"), *sets])
+    assert other.exit_code == 2 and "is not the output file" in other.output
