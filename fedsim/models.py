@@ -50,6 +50,21 @@ def simple_cnn(input_shape: tuple[int, ...], num_classes: int, spec: ModelSectio
     return nn.Sequential(features, nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
 
 
+def lenet5(input_shape: tuple[int, ...], num_classes: int, spec: ModelSection) -> nn.Module:
+    """LeNet-5 as NIID-Bench's `simple-cnn` (Li et al., ICDE 2022): two unpadded 5x5 conv + max-pool
+    blocks (6, 16 channels), then dense 120 and 84."""
+    channels, height, width = _image_shape(input_shape, "lenet5")
+    side = [((n - 4) // 2 - 4) // 2 for n in (height, width)]
+    if min(side) < 1:
+        raise ConfigError(f"model.name = 'lenet5' needs images of at least 16x16, got {height}x{width}")
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * side[0] * side[1], 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
 class BasicBlock(nn.Module):
     """A ResNet basic block: two 3x3 convolutions with batch norm and a shortcut."""
 
@@ -82,6 +97,7 @@ MODELS: dict[str, Callable[[tuple[int, ...], int, ModelSection], nn.Module]] = {
     "logreg": logistic_regression,
     "mlp": mlp,
     "cnn": simple_cnn,
+    "lenet5": lenet5,
     "resnet": resnet,
 }
 
