@@ -76,6 +76,27 @@ def test_fedld_aggregates_parameters_by_principal_gradient_and_averages_buffers(
     np.testing.assert_allclose(first["w"], np.mean([c.outputs["model"]["w"] for c in clients], axis=0))
 
 
+
+def test_step_ratio_against_the_closed_form_for_orthogonal_client_deltas(make_method):
+    """Deltas r_i e_i (distinct r_i): the principal directions are the e_i, lambda_i = r_i^2 / m, so
+    g = sum over the k largest of r_j^3 / (m sum r^2) e_j, while the mean delta is r_i e_i / m."""
+    r = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    m, k = len(r), math.floor(len(r) * 0.8)
+    strategy = make_method([1] * m, "strategy.name=fedld")
+    clients = [ClientResult(i, {"num_examples": 1.0},
+                            {"model": {"w": (r[i] * np.eye(m)[i]).astype(np.float32)}}) for i in range(m)]
+    new, metrics = strategy.aggregate(2, {"w": np.zeros(m, np.float32)},
+                                      RoundResult(clients=clients, means={"model": {"w": np.zeros(m)}}))
+    top = np.sort(r)[::-1][:k]
+    step = np.sqrt(np.sum((top**3 / (m * np.sum(r**2))) ** 2))
+    np.testing.assert_allclose(np.sort(np.abs(new["w"]))[1:], np.sort(top**3 / (m * np.sum(r**2))), rtol=1e-6)
+    assert metrics["fedld_step_ratio"] == pytest.approx(step / (np.linalg.norm(r) / m), rel=1e-6)
+    same = [ClientResult(i, {"num_examples": 1.0}, {"model": {"w": np.arange(m, dtype=np.float32)}})
+            for i in range(3)]
+    _, metrics = strategy.aggregate(2, {"w": np.zeros(m, np.float32)},
+                                    RoundResult(clients=same, means={"model": {"w": np.zeros(m)}}))
+    assert metrics["fedld_step_ratio"] == pytest.approx(1.0)  # identical updates: the mean itself
+
 def test_margin_control_is_lambda_log_one_plus_squared_frobenius_norm_of_probabilities():
     term = MarginControl(MarginControl.Params(lam=0.03), None)
     uniform = torch.zeros(8, 4)  # B = 8 rows of uniform probabilities over C = 4: ||p||^2 = 8 / 4
