@@ -40,6 +40,8 @@ class PartitionSection(Section):
     classes_per_client: int = Field(2, ge=1, description="pathological: classes each client holds")
     shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards per client")
     min_size: int = Field(10, ge=1, description="minimum training examples per client")
+    self_balancing: bool = Field(False, description="dirichlet: a client that holds more than an "
+                                 "equal share gets no more examples (NIID-Bench's rule)")
     sizes: Literal["equal", "lognormal", "powerlaw", "dirichlet"] = Field(
         "equal", description="quantity skew of client sizes (kinds iid and dirichlet)")
     size_sigma: float = Field(1.0, gt=0, description="sizes = 'lognormal': sigma of log size")

@@ -44,8 +44,10 @@ def pretrain(config: ExperimentConfig, out: Path | None, epochs: int) -> Pretrai
     `out`, by default to the file the spec's `model.init` names (so one spec serves both steps)."""
     init = config.model.init
     if out is None:
-        out = Path(init) if init is not None else Path("pretrained.pt")
-    if init is not None and Path(init).resolve() == out.resolve():
+        out = init if init is not None else Path("pretrained.pt")
+    if out.suffix == ".npz":
+        raise ConfigError(f"fedsim pretrain writes a torch state dict: name it .pt, not {out}")
+    if init is not None and init.resolve() == out.resolve():
         config = config.model_copy(update={"model": config.model.model_copy(update={"init": None})})
     if config.data.holdout <= 0:
         raise ConfigError("fedsim pretrain trains on the rows the federation leaves out: set "

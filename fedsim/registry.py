@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -150,6 +151,7 @@ def check_config(config: ExperimentConfig) -> None:
     check_dataset_name(config.data.dataset)
     check_sensitive(config.data)
     check_model(config.model)
+    check_input_files(config)
     if config.data.embedding == "warmup":
         check_model(config.model.model_copy(update={"name": config.data.warmup.model}))
     if config.ggeur.enabled and not config.data.embedding:
@@ -171,6 +173,18 @@ def check_config(config: ExperimentConfig) -> None:
         _check_params(term_class(name).Params, params, f"client.objectives.{name}",
                       f"local objective '{name}'")
     check_groups(config, has_sensitive_attribute(config.data))
+
+
+def check_input_files(config: ExperimentConfig) -> None:
+    """The weights (`model.init`) and the frozen encoder (`data.embedding`) a run starts from
+    exist, so a comparison stops before its first cell rather than failing every cell."""
+    if config.model.init is not None and not Path(config.model.init).is_file():
+        raise ConfigError(f"model.init = {config.model.init}: no such file (make one with "
+                          "`fedsim pretrain`)")
+    embedding = config.data.embedding
+    if embedding not in ("", "identity", "warmup") and not Path(embedding).is_file():
+        raise ConfigError(f"data.embedding = {embedding}: no such file (a frozen encoder, e.g. "
+                          "the -encoder.pt `fedsim pretrain` writes, or 'identity' or 'warmup')")
 
 
 def check_groups(config: ExperimentConfig, has_groups: bool) -> None:

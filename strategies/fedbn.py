@@ -21,7 +21,7 @@ class FedBN(LocalLayers):
 
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
-        if config.model.name in ("logreg", "mlp", "cnn"):
+        if config.model.name in ("logreg", "mlp", "cnn", "lenet5"):
             raise ConfigError(f"fedbn keeps batch-norm layers local, and model.name = "
                               f"'{config.model.name}' has none: use model.name = 'resnet'")
 

@@ -90,13 +90,13 @@ class FedLD(Method):
             unweighted = {name: np.mean([c.outputs["model"][name] for c in result.clients], axis=0)
                           for name in self.run.param_names}
             return {**new, **{n: v.astype(current[n].dtype) for n, v in unweighted.items()}}, {}
-        step = mean_step = 0.0
+        step = fedavg_step = 0.0
         for name in self.run.param_names:
             base = current[name]
             deltas = np.stack([(c.outputs["model"][name] - base).ravel() for c in result.clients])
             update = principal_gradient(deltas, self.params.k_proportion)
             new[name] = (base + update.reshape(base.shape)).astype(base.dtype)
             step += float(update @ update)
-            mean_step += float(np.sum(deltas.mean(axis=0, dtype=np.float64) ** 2))
-        # how long the step is next to the clients' plain mean delta (FedAvg's unweighted step)
-        return new, {"fedld_step_ratio": math.sqrt(step / mean_step) if mean_step > 0 else 1.0}
+            fedavg_step += float(np.sum((result.means["model"][name] - base.astype(np.float64)) ** 2))
+        # the step's length over FedAvg's (the example-weighted mean delta) from the same updates
+        return new, {"fedld_step_ratio": math.sqrt(step / fedavg_step) if fedavg_step > 0 else math.nan}

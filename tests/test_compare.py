@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -164,25 +166,26 @@ def test_published_numbers_are_checked_before_any_cell_runs(tmp_path):
         load_comparison(write_spec(tmp_path, SPEC + PUBLISHED.replace('source', 'metric = "acc"\nsource')))
 
 
+PRETRAIN_LINE = re.compile(r"^#\s+fedsim pretrain\s+(.+)$", re.MULTILINE)
+
+
 def run_pretrain_steps(spec: Path) -> None:
-    """Run the `fedsim pretrain` lines of a spec's header (its files named relative to the
-    working directory), for one epoch each."""
-    for line in spec.read_text().splitlines():
-        if line.lstrip("# ").startswith("fedsim pretrain "):
-            args = line.lstrip("# ").split()[2:]
-            args = [str(ROOT / a) if a.endswith(".toml") else a for a in args]
-            epochs = args.index("--epochs") + 1 if "--epochs" in args else None
-            if epochs is not None:
-                args[epochs] = "1"
-            result = CliRunner().invoke(app, ["pretrain", *args])
-            assert result.exit_code == 0, f"{line}: {result.output}"
+    """Run the `fedsim pretrain` command lines of a spec's header (they write files named
+    relative to the working directory), one epoch each."""
+    for command in PRETRAIN_LINE.findall(spec.read_text()):
+        args = shlex.split(re.sub(r"--epochs[= ]\d+", "", command))
+        args = [str(ROOT / a) if a.endswith(".toml") else a for a in args]
+        result = CliRunner().invoke(app, ["pretrain", *args, "--epochs", "1"])
+        assert result.exit_code == 0, f"{command}: {result.output} {result.exception!r}"
 
 
 @pytest.mark.parametrize("spec", sorted(ROOT.glob("experiments/**/*.toml")),
                          ids=lambda p: str(p.relative_to(ROOT / "experiments")))
-def test_every_experiment_spec_validates(spec, tmp_path, monkeypatch):
+def test_every_experiment_spec_validates(spec, tmp_path, monkeypatch, request):
     """Each shipped spec passes every check a run makes before it starts (each cell of a
     comparison), after the pretraining its header prescribes."""
+    if PRETRAIN_LINE.search(spec.read_text()):
+        request.getfixturevalue("data_dir")  # pretraining reads the dataset: skip without it
     monkeypatch.chdir(tmp_path)
     run_pretrain_steps(spec)
     overrides = [f"output.dir={tmp_path}"]
@@ -191,3 +194,10 @@ def test_every_experiment_spec_validates(spec, tmp_path, monkeypatch):
         assert cells
     else:
         check_config(load_config(spec, overrides))
+
+
+def test_a_missing_weights_or_encoder_file_stops_a_comparison_before_any_cell(tmp_path):
+    for key, message in [("model.init", "model.init = .*no such file"),
+                         ("data.embedding", "data.embedding = .*no such file")]:
+        with pytest.raises(ConfigError, match=message):
+            load_comparison(write_spec(tmp_path, SPEC), [f"{key}={tmp_path / 'missing.pt'}"])

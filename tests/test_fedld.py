@@ -76,26 +76,32 @@ def test_fedld_aggregates_parameters_by_principal_gradient_and_averages_buffers(
     np.testing.assert_allclose(first["w"], np.mean([c.outputs["model"]["w"] for c in clients], axis=0))
 
 
-
 def test_step_ratio_against_the_closed_form_for_orthogonal_client_deltas(make_method):
-    """Deltas r_i e_i (distinct r_i): the principal directions are the e_i, lambda_i = r_i^2 / m, so
-    g = sum over the k largest of r_j^3 / (m sum r^2) e_j, while the mean delta is r_i e_i / m."""
+    """Deltas r_i e_i (distinct r_i, equal sizes): the principal directions are the e_i with
+    lambda_i = r_i^2 / m, so g = sum over the k largest r_j of r_j^3 / (m sum r^2) e_j, while
+    FedAvg's step is sum_i r_i e_i / m."""
     r = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    m, k = len(r), math.floor(len(r) * 0.8)
+    m = len(r)
     strategy = make_method([1] * m, "strategy.name=fedld")
-    clients = [ClientResult(i, {"num_examples": 1.0},
-                            {"model": {"w": (r[i] * np.eye(m)[i]).astype(np.float32)}}) for i in range(m)]
-    new, metrics = strategy.aggregate(2, {"w": np.zeros(m, np.float32)},
-                                      RoundResult(clients=clients, means={"model": {"w": np.zeros(m)}}))
+    k = math.floor(m * strategy.params.k_proportion)
+    deltas = r[:, None] * np.eye(m)
+
+    def aggregate(rows):
+        clients = [ClientResult(i, {"num_examples": 1.0}, {"model": {"w": row.astype(np.float32)}})
+                   for i, row in enumerate(rows)]
+        means = {"model": {"w": rows.mean(axis=0)}}
+        return strategy.aggregate(2, {"w": np.zeros(m, np.float32)},
+                                  RoundResult(clients=clients, means=means))
+
+    new, metrics = aggregate(deltas)
     top = np.sort(r)[::-1][:k]
-    step = np.sqrt(np.sum((top**3 / (m * np.sum(r**2))) ** 2))
-    np.testing.assert_allclose(np.sort(np.abs(new["w"]))[1:], np.sort(top**3 / (m * np.sum(r**2))), rtol=1e-6)
-    assert metrics["fedld_step_ratio"] == pytest.approx(step / (np.linalg.norm(r) / m), rel=1e-6)
-    same = [ClientResult(i, {"num_examples": 1.0}, {"model": {"w": np.arange(m, dtype=np.float32)}})
-            for i in range(3)]
-    _, metrics = strategy.aggregate(2, {"w": np.zeros(m, np.float32)},
-                                    RoundResult(clients=same, means={"model": {"w": np.zeros(m)}}))
-    assert metrics["fedld_step_ratio"] == pytest.approx(1.0)  # identical updates: the mean itself
+    lengths = top**3 / (m * np.sum(r**2))
+    np.testing.assert_allclose(np.sort(np.abs(new["w"]))[1:], np.sort(lengths), rtol=1e-6)
+    assert metrics["fedld_step_ratio"] == pytest.approx(np.linalg.norm(lengths) / (np.linalg.norm(r) / m),
+                                                        rel=1e-6)
+    _, metrics = aggregate(np.tile(np.arange(m, dtype=float), (3, 1)))
+    assert metrics["fedld_step_ratio"] == pytest.approx(1.0)  # identical updates: FedAvg's step itself
+
 
 def test_margin_control_is_lambda_log_one_plus_squared_frobenius_norm_of_probabilities():
     term = MarginControl(MarginControl.Params(lam=0.03), None)

@@ -137,3 +137,17 @@ def test_synergy_split_pairs_group_and_label():
 def test_sensitive_kinds_without_groups_are_an_error():
     with pytest.raises(DataError, match="sensitive attribute"):
         partition_labels(np.zeros(100, np.int64), 2, PartitionSection(kind="synergy"), 0)
+
+
+def test_self_balancing_gives_a_full_client_no_more_examples():
+    """NIID-Bench's rule: once a client holds more than N / n examples it gets none of the later
+    classes, so no client ends above N / n plus one class's count; without it they do."""
+    labels = np.repeat(np.arange(10), 100)
+    sizes = {}
+    for balancing in (True, False):
+        spec = PartitionSection(kind="dirichlet", alpha=0.1, min_size=5, self_balancing=balancing)
+        sizes[balancing] = np.array([[len(p) for p in partition_labels(labels, 10, spec, seed)]
+                                     for seed in range(20)])
+    assert sizes[True].max() <= 100 + 100
+    assert sizes[False].max() > 100 + 100
+    assert sizes[True].std() < sizes[False].std()

@@ -126,8 +126,8 @@ def make_partitioner(spec: PartitionSection, num_clients: int, seed: int, labels
     if spec.kind in ("dirichlet", "sensitive"):
         return DirichletPartitioner(
             num_partitions=num_clients, partition_by="label" if spec.kind == "dirichlet" else "group",
-            alpha=spec.alpha, min_partition_size=spec.min_size, self_balancing=False, shuffle=True,
-            seed=seed)
+            alpha=spec.alpha, min_partition_size=spec.min_size, self_balancing=spec.self_balancing,
+            shuffle=True, seed=seed)
     if spec.kind == "pathological":
         return PathologicalPartitioner(
             num_partitions=num_clients, partition_by="label",
