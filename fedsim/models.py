@@ -93,6 +93,7 @@ def resnet(input_shape: tuple[int, ...], num_classes: int, spec: ModelSection) -
     )
 
 
+BATCHNORM_MODELS = frozenset({"resnet"})  # the built-in models with BatchNorm statistics
 MODELS: dict[str, Callable[[tuple[int, ...], int, ModelSection], nn.Module]] = {
     "logreg": logistic_regression,
     "mlp": mlp,
@@ -117,11 +118,19 @@ def model_function(spec: ModelSection) -> Callable[[tuple[int, ...], int, ModelS
 
 
 def check_model(spec: ModelSection) -> None:
-    """The model exists; built-in models take no keys but their own."""
+    """The model exists, built-in models take no keys but their own, and the weights it starts
+    from (`model.init`) are there."""
     model_function(spec)
     if spec.name in MODELS and spec.model_extra:
         raise ConfigError(f"unknown key(s) {['model.' + k for k in spec.model_extra]} for the "
                           f"built-in model '{spec.name}' (its keys: name, hidden)")
+    if spec.init is not None:
+        check_init_file(Path(spec.init))
+
+
+def check_init_file(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"model.init = {path}: no such file (make one with `fedsim pretrain`)")
 
 
 def build_model(spec: ModelSection, input_shape: tuple[int, ...], num_classes: int,
@@ -149,8 +158,7 @@ def build_model(spec: ModelSection, input_shape: tuple[int, ...], num_classes: i
 def load_initial_weights(model: nn.Module, path: Path) -> None:
     """Load `model.init`: a state dict (torch.save'd, e.g. by `fedsim pretrain`) or an .npz of
     named arrays, which must match the model's names and shapes exactly."""
-    if not path.is_file():
-        raise ConfigError(f"model.init = {path}: no such file (make one with `fedsim pretrain`)")
+    check_init_file(path)
     try:
         if path.suffix == ".npz":
             with np.load(path) as arrays:

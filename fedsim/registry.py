@@ -151,7 +151,7 @@ def check_config(config: ExperimentConfig) -> None:
     check_dataset_name(config.data.dataset)
     check_sensitive(config.data)
     check_model(config.model)
-    check_input_files(config)
+    check_encoder_file(config)
     if config.data.embedding == "warmup":
         check_model(config.model.model_copy(update={"name": config.data.warmup.model}))
     if config.ggeur.enabled and not config.data.embedding:
@@ -175,12 +175,10 @@ def check_config(config: ExperimentConfig) -> None:
     check_groups(config, has_sensitive_attribute(config.data))
 
 
-def check_input_files(config: ExperimentConfig) -> None:
-    """The weights (`model.init`) and the frozen encoder (`data.embedding`) a run starts from
-    exist, so a comparison stops before its first cell rather than failing every cell."""
-    if config.model.init is not None and not Path(config.model.init).is_file():
-        raise ConfigError(f"model.init = {config.model.init}: no such file (make one with "
-                          "`fedsim pretrain`)")
+def check_encoder_file(config: ExperimentConfig) -> None:
+    """The frozen encoder (`data.embedding`) a run encodes its data with exists, so a comparison
+    stops before its first cell rather than failing every cell (`check_model` does the same for
+    `model.init`)."""
     embedding = config.data.embedding
     if embedding not in ("", "identity", "warmup") and not Path(embedding).is_file():
         raise ConfigError(f"data.embedding = {embedding}: no such file (a frozen encoder, e.g. "

@@ -11,6 +11,7 @@ from torch import nn
 
 from fedsim.config import ExperimentConfig
 from fedsim.errors import ConfigError
+from fedsim.models import BATCHNORM_MODELS, MODELS
 from fedsim.personal import LocalLayers, batchnorm_keys
 
 
@@ -21,7 +22,7 @@ class FedBN(LocalLayers):
 
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
-        if config.model.name in ("logreg", "mlp", "cnn", "lenet5"):
+        if config.model.name in MODELS and config.model.name not in BATCHNORM_MODELS:
             raise ConfigError(f"fedbn keeps batch-norm layers local, and model.name = "
                               f"'{config.model.name}' has none: use model.name = 'resnet'")
 

@@ -48,6 +48,7 @@ from fedsim.method import (
     Weighting,
     overrides,
 )
+from fedsim.models import BATCHNORM_MODELS
 from fedsim.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class ClientLevelDP(AddOn):
         if config.evaluation.decomposition:
             raise ConfigError("privacy.enabled with evaluation.decomposition: the decomposition "
                               "evaluates every client's own model and records it; switch one off")
-        if config.model.name == "resnet":
+        if config.model.name in BATCHNORM_MODELS:
             raise ConfigError("privacy.enabled with model.name = 'resnet': its BatchNorm statistics "
                               "are computed from the clients' data and would need noise too (a "
                               "noised variance can turn negative); use 'mlp', 'cnn' or 'logreg'")

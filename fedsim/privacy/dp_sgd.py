@@ -35,6 +35,7 @@ from fedsim.config import DpSgdSection, ExperimentConfig
 from fedsim.data.tensors import LocalData
 from fedsim.errors import ConfigError
 from fedsim.method import AddOn, ClientContext, Method, RoundResult, RunInfo
+from fedsim.models import BATCHNORM_MODELS
 from fedsim.seeding import derive_seed
 from fedsim.system import planned_steps
 
@@ -65,7 +66,7 @@ class ExampleLevelDP(AddOn):
     # ---- checks --------------------------------------------------------------------------
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
-        if config.model.name == "resnet":
+        if config.model.name in BATCHNORM_MODELS:
             raise ConfigError("dp_sgd.enabled with model.name = 'resnet': BatchNorm mixes the examples "
                               "of a batch, so per-example gradients do not exist; use 'mlp', 'cnn' or "
                               "'logreg'")
