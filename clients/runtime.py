@@ -43,6 +43,13 @@ def worker_device(config: ExperimentConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def worker_model(config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The run's model on the worker's device, in channels-last order where engine.channels_last asks."""
+    model = build_model(config.model, input_shape, num_classes, config.experiment.seed)
+    model = model.to(worker_device(config))
+    return model.to(memory_format=torch.channels_last) if config.engine.channels_last else model
+
+
 @dataclass
 class Resident:
     """What a worker process keeps between messages for one experiment."""
@@ -89,14 +96,13 @@ _RESIDENT: dict[str, Resident] = {}
 def resident_for(config: ExperimentConfig) -> Resident:
     """The cached data and model for this experiment in this process (built on first use)."""
     key = json.dumps([config.data.model_dump(mode="json"), config.model.model_dump(mode="json"),
-                      config.experiment.seed, config.engine.gpus_per_worker])
+                      config.experiment.seed, config.engine.gpus_per_worker, config.engine.channels_last])
     if key not in _RESIDENT:
         if config.engine.backend == "ray":  # a worker process owns cpus_per_worker cores
             torch.set_num_threads(max(1, int(config.engine.cpus_per_worker)))
         fed = build_federation(config.data, config.experiment.seed)
         device = worker_device(config)
-        model = build_model(config.model, fed.input_shape, fed.num_classes,
-                            config.experiment.seed).to(device)
+        model = worker_model(config, tuple(fed.input_shape), fed.num_classes)
         base = None
         if isinstance(fed, IndexedFederation):
             base = (torch.as_tensor(fed.dataset.x_train, device=device),

@@ -21,3 +21,31 @@ def test_lenet5_has_niid_benchs_layers_and_size():
 def test_lenet5_refuses_images_too_small_for_its_convolutions():
     with pytest.raises(ConfigError, match="lenet5.*at least 16x16, got 8x8"):
         build_model(ModelSection(name="lenet5"), (1, 8, 8), 10, 0)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_channels_last_changes_the_memory_order_not_the_run(tmp_path, name):
+    """engine.channels_last keeps the worker's convolutions channels-last; whole runs with and
+    without it end with the same weights up to float rounding."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from clients.runtime import worker_model
+    from fedsim.config import load_config
+    from fedsim.runner import run_experiment
+
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
+    finals = {}
+    for order in ("true", "false"):
+        config = load_config(quickstart, [f"model.name={name}", "engine.backend=inprocess",
+                                          "experiment.rounds=2", f"engine.channels_last={order}",
+                                          f"output.run_dir={tmp_path / order}"])
+        conv = next(m for m in worker_model(config, (1, 8, 8), 10).modules()
+                    if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (order == "true")
+        assert conv.weight.is_contiguous() == (order == "false")
+        finals[order] = run_experiment(config).rounds["test_accuracy"].iloc[-1]
+    assert finals["true"] == pytest.approx(finals["false"], abs=1e-4)
+    with np.load(tmp_path / "true" / "model.npz") as cl, np.load(tmp_path / "false" / "model.npz") as plain:
+        assert all(np.allclose(cl[k], plain[k], atol=1e-5) for k in plain.files)

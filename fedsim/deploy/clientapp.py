@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 
-from clients.runtime import Resident, worker_device
+from clients.runtime import Resident, worker_device, worker_model
 from clients.state import RecordStateStore, StateStore
 from fedsim.app import make_client_app
 from fedsim.config import ExperimentConfig, validate_config
@@ -17,7 +17,6 @@ from fedsim.deploy.node_data import NodeData, load_node_data
 from fedsim.deploy.roster import ROSTER_ACTION, describe_node, request_experiment
 from fedsim.deploy.secure_aggregation import secure_aggregation_mod
 from fedsim.engine.protocol import Task
-from fedsim.models import build_model
 
 
 class NodeHost:
@@ -32,8 +31,7 @@ class NodeHost:
     def resident(self, config: ExperimentConfig, task: Task) -> Resident:
         info = task.data_info
         device = worker_device(config)
-        model = build_model(config.model, tuple(info["input_shape"]), int(info["num_classes"]),
-                            config.experiment.seed).to(device)
+        model = worker_model(config, tuple(info["input_shape"]), int(info["num_classes"]))
         node = self.node(config).shaped(tuple(info["input_shape"]))
         return Resident(node, model, device, None, int(info["num_classes"]), int(info["num_groups"]),
                         config.model, tuple(info["input_shape"]), config.experiment.seed)
