@@ -405,8 +405,8 @@ class EngineSection(Section):
         "auto", description="train a worker's other clients together as one torch.func program: "
         "'auto' on a GPU (on CPU it is rarely faster than one by one), 'on' always, 'off' never")
     channels_last: bool = Field(False, description="keep a worker's model in channels-last memory "
-                                "order: on CPU lenet5 and resnet train 1.6-1.8x faster at batch 64, "
-                                "cnn 1.2x slower; results equal up to float rounding")
+                                "order (results equal up to float rounding): on CPU faster for lenet5 "
+                                "and resnet at batch 64, not for cnn (benchmarks/memory_format.py)")
     vectorize_memory_mb: float = Field(2048.0, gt=0, description="memory one vectorized program may "
                                        "use; a worker's clients go through in chunks that fit")
     max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many consecutive "
