@@ -5,8 +5,9 @@ worker steps all its clients at once: client i's weights are slice i of (clients
 tensors, step t gathers every active client's t-th batch, and batched matrix products compute
 all losses and (hand-derived) gradients together. Each client sees exactly the batches
 `train_locally` would draw (the same seeded reshuffles, partial last batches included) and the
-same SGD update (momentum, weight decay), so the result equals training the clients one after
-another up to float rounding. Clients with fewer steps drop out of the active set as they finish.
+same optimizer update (vectorized training's functional SGD with momentum and weight decay, or
+Adam), so the result equals training the clients one after another up to float rounding.
+Clients with fewer steps drop out of the active set as they finish.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from clients.vectorized import ClientBatches
+from clients.vectorized import ClientBatches, FunctionalOptimizer
 from fedsim.config import ClientSection, ExperimentConfig
 from fedsim.data.tensors import LocalData
 from fedsim.method import LossTerm, TrainPlan
@@ -26,10 +27,9 @@ LOCKSTEP_MODELS = ("logreg", "mlp")  # Linear layers with ReLU between them
 
 
 def lockstep_possible(config: ExperimentConfig) -> bool:
-    """Whether the hand-written kernels fit the run: logistic regression or an MLP, plain SGD, no
+    """Whether the hand-written kernels fit the run: logistic regression or an MLP, no
     augmentation."""
-    return (config.model.name in LOCKSTEP_MODELS and config.client.optimizer == "sgd"
-            and not config.client.augment)
+    return config.model.name in LOCKSTEP_MODELS and not config.client.augment
 
 
 def lockstep_proximal_mu(plans: list[TrainPlan], terms: list[list[LossTerm]]) -> list[float] | None:
@@ -66,17 +66,13 @@ def _loss_and_gradients(params: list[torch.Tensor], x: torch.Tensor, y: torch.Te
     return loss, grads
 
 
-def _per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-client scalar shaped to broadcast over a stacked parameter."""
-    return values.view(-1, *[1] * (like.dim() - 1))
-
-
-def train_in_lockstep(start: list[torch.Tensor], data: list[LocalData], seeds: list[int],
-                      lrs: list[float], steps: list[int | None], settings: ClientSection,
+def train_in_lockstep(start: list[torch.Tensor], data: list[LocalData], seeds: list[int], lr: float,
+                      steps: list[int | None], settings: ClientSection,
                       mus: list[float] | None = None) -> list[tuple[list[torch.Tensor], dict[str, float]]]:
     """Train one client per entry of `data`, all from the parameters `start` (weight, bias of
     each Linear layer in order, ReLU between layers: logistic regression or an MLP), each with
-    FedProx's proximal term (mu / 2) ||params - start||^2 when its mu is not 0.
+    FedProx's proximal term (mu / 2) ||params - start||^2 when its mu is not 0, and the optimizer
+    update vectorized training uses (SGD with momentum and weight decay, or Adam).
 
     Returns per client its final parameters and `train_locally`'s metrics; a client's
     `train_seconds` is the worker's time shared out in proportion to its steps."""
@@ -86,34 +82,23 @@ def train_in_lockstep(start: list[torch.Tensor], data: list[LocalData], seeds: l
     order, index, mask = batches.order, batches.index, batches.mask
     features = batches.features.reshape(len(batches.features), -1)
 
-    params = [p.detach().expand(count, *p.shape).clone() for p in start]
-    lr = torch.tensor([lrs[i] for i in order], device=device, dtype=params[0].dtype)
-    mu = torch.tensor([(mus or [0.0] * count)[i] for i in order], device=device, dtype=params[0].dtype)
+    params = {str(k): p.detach().expand(count, *p.shape).clone() for k, p in enumerate(start)}
+    mu = torch.tensor([(mus or [0.0] * count)[i] for i in order], device=device, dtype=start[0].dtype)
     proximal = bool(mu.any())
-    momentum, decay = settings.momentum, settings.weight_decay
-    velocity: list[torch.Tensor] | None = None
+    optimizer = FunctionalOptimizer(settings, lr)
     loss_sum = torch.zeros(count, device=device)
     for t, a in enumerate(batches.active):
         rows, valid = index[:a, t], mask[:a, t]
         share = valid / valid.sum(dim=1, keepdim=True)  # each batch's loss is a mean over its rows
-        current = [p[:a] for p in params]
+        current = [p[:a] for p in params.values()]
         loss, grads = _loss_and_gradients(current, features[rows], batches.labels[rows], share)
         loss_sum[:a] += loss
         if proximal:
             for k, (p, anchor) in enumerate(zip(current, start, strict=True)):
                 drift = p - anchor
                 loss_sum[:a] += 0.5 * mu[:a] * drift.square().flatten(1).sum(dim=1)
-                grads[k] = grads[k] + _per_client(mu[:a], p) * drift
-        if decay:
-            grads = [g + decay * p for g, p in zip(grads, current, strict=True)]
-        if momentum:
-            if velocity is None:
-                velocity = [g.clone() for g in grads]
-            else:
-                for v, g in zip(velocity, grads, strict=True):
-                    v[:a].mul_(momentum).add_(g)
-            grads = [v[:a] for v in velocity]
-        for p, g in zip(current, grads, strict=True):
-            p -= _per_client(lr[:a], p) * g
+                grads[k] = grads[k] + mu[:a].view(-1, *[1] * (p.dim() - 1)) * drift
+        optimizer.step(params, dict(zip(params, grads, strict=True)), a)
 
-    return batches.results(lambda slot: [p[slot] for p in params], loss_sum, time.perf_counter() - started)
+    return batches.results(lambda slot: [p[slot] for p in params.values()], loss_sum,
+                           time.perf_counter() - started)

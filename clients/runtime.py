@@ -307,7 +307,7 @@ class Worker:
     def together(self, first: Prepared) -> str:
         """How this task's clients train together, judged from its first client (every client
         gets the same kinds of plan and loss terms): 'lockstep' (the hand-written kernels for
-        Linear / ReLU models with SGD and at most a proximal term, the fastest for small models),
+        Linear / ReLU models with SGD or Adam and at most a proximal term, the fastest for small models),
         'vectorize' (one torch.func program) or '' (one by one; when vectorizing was asked for,
         the reason is noted once)."""
         config = self.config
@@ -335,7 +335,7 @@ class Worker:
         if how == "lockstep":
             mus = lockstep_proximal_mu([c.contexts[0].plan for c in clients], terms)
             kernel = train_in_lockstep([global_arrays[n] for n in names], data, seeds,
-                                       [config.client.lr] * len(clients), steps, config.client, mus)
+                                       config.client.lr, steps, config.client, mus)
             return [(dict(zip(names, params, strict=True)), metrics) for params, metrics in kernel]
         if reason := vectorize_blocker(self.res.model, terms):
             raise ValueError(reason)
