@@ -2,15 +2,16 @@
 
   raw     a plain sequential PyTorch FedAvg loop in one process (the faster of 1 and 2 threads)
   fedsim  fedsim on Flower + Ray: W = 2 workers, many virtual clients per message (logistic
-          regression clients train in lockstep; `fedsim 1by1` shows them trained one by one)
+          regression and MLP clients train in lockstep; `fedsim 1by1` shows them trained one
+          by one)
   flower  one Flower node per client with Flower's own FedAvg (how Flower is usually used)
 
 Workloads: `cnn` (Fashion-MNIST, 1000 clients x 60 examples, cohort 50, small CNN, batch 10,
 lr 0.1), `mlp-prox` (the same data, FedProx mu 0.1 with Adam on an MLP 128) and `tiny`
 (Synthetic(1,1), 1000 clients, cohort 100, logistic regression, batch 10). `tiny-capped` is
-`tiny` with at most 60 examples per client, where orchestration dominates. Workloads that do not
-use the hand-written lockstep kernels also show `fedsim vmap` (engine.vectorize = on: the
-clients of a worker as one torch.func program; on CPU the default trains them one by one).
+`tiny` with at most 60 examples per client, where orchestration dominates. Workloads other than
+logistic regression also show `fedsim vmap` (engine.vectorize = on, lockstep off: the clients of
+a worker as one torch.func program; on CPU the default trains them one by one).
 `flower` runs Flower's FedAvg, so FedAvg workloads only (`--skip-flower` leaves it out).
 Then the scale check: fedsim on `tiny` with 1,000 vs 100,000 clients at the same cohort.
 Each measurement runs in a fresh subprocess; peak memory is the RSS summed over its process tree.
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from memory import PeakMemory
+
+from clients.lockstep import LOCKSTEP_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {
@@ -196,10 +199,10 @@ def main() -> None:
         fedavg = not any(o.startswith("strategy.name=") for o in WORKLOADS[name])
         with_flower = fedavg and not args.skip_flower
         ways = {way: (way, spec) for way in ("raw1", "raw2", "fedsim", *(["flower"] * with_flower))}
-        if "model.name=logreg" in WORKLOADS[name]:  # fedsim without lockstep training, for contrast
+        if any(f"model.name={m}" in WORKLOADS[name] for m in LOCKSTEP_MODELS):  # without lockstep
             ways["fedsim 1by1"] = ("fedsim", [*spec, "engine.lockstep=false"])
-        else:
-            ways["fedsim vmap"] = ("fedsim", [*spec, "engine.vectorize=on"])
+        if "model.name=logreg" not in WORKLOADS[name]:
+            ways["fedsim vmap"] = ("fedsim", [*spec, "engine.lockstep=false", "engine.vectorize=on"])
         results = {way: measure(mode, overrides) for way, (mode, overrides) in ways.items()}
         raw_way = min(("raw1", "raw2"), key=lambda w: results[w]["median"])
         for way, r in results.items():
@@ -214,10 +217,11 @@ def main() -> None:
             print(f"{name:11s} flower-per-client/fedsim = {flower / fed:.2f}")
         if "fedsim vmap" in results:
             vmap = results["fedsim vmap"]["median"]
+            one_by_one = results.get("fedsim 1by1", results["fedsim"])["median"]
             summary[name]["vmap_over_raw"] = round(vmap / raw, 3)
-            summary[name]["vmap_over_one_by_one"] = round(vmap / fed, 3)
+            summary[name]["vmap_over_one_by_one"] = round(vmap / one_by_one, 3)
             print(f"{name:11s} fedsim vmap/raw = {vmap / raw:.2f}   "
-                  f"fedsim vmap/one-by-one = {vmap / fed:.2f}")
+                  f"fedsim vmap/one-by-one = {vmap / one_by_one:.2f}")
         if "fedsim 1by1" in results:
             speedup = results["fedsim 1by1"]["median"] / fed
             summary[name]["lockstep_speedup"] = round(speedup, 3)
