@@ -7,7 +7,8 @@ are not bit-identical to CPU ones, so expect small float differences, not zero).
 The last line printed is JSON with those numbers. Needs a CUDA GPU; extra `--set` overrides
 change the workload (default: the quickstart with the small CNN, 10 rounds).
 
-`--vectorize` instead times local training with the clients vectorized (engine.vectorize = on)
+`--vectorize` instead times local training with the clients vectorized (engine.vectorize = on,
+lockstep off)
 against one by one, in-process on one worker, for the throughput benchmark's `cnn` and `mlp-prox`
 workloads and a `resnet` one (BatchNorm: it falls back to one by one, and says so), 1000 clients
 and a cohort of 100; `--device cpu` runs the same table on the CPU.
@@ -77,7 +78,8 @@ def vectorize_table(device: str, timeout: float, extra: list[str]) -> dict:
 
     resnet = [*WORKLOADS["cnn"][:5], "model.name=resnet", "client.batch_size=10", "client.lr=0.05"]
     workloads = {"cnn": WORKLOADS["cnn"], "mlp-prox": WORKLOADS["mlp-prox"], "resnet": resnet}
-    common = ["engine.backend=inprocess", "engine.workers=1", "strategy.clients_per_round=100",
+    common = ["engine.backend=inprocess", "engine.workers=1", "engine.lockstep=false",
+              "strategy.clients_per_round=100",
               "experiment.rounds=3", "evaluation.every=3", "evaluation.client_fraction=0",
               "client.local_epochs=1", f"engine.gpus_per_worker={1 if device == 'gpu' else 0}"]
     out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedsim-vectorize-{os.getpid()}"
