@@ -76,10 +76,9 @@ def vectorize_table(device: str, timeout: float, extra: list[str]) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from throughput import WORKLOADS
 
-    resnet = [*WORKLOADS["cnn"][:5], "model.name=resnet", "client.batch_size=10", "client.lr=0.05"]
-    workloads = {"cnn": WORKLOADS["cnn"], "mlp-prox": WORKLOADS["mlp-prox"], "resnet": resnet}
+    workloads = {name: WORKLOADS[name] for name in ("cnn", "mlp-prox", "resnet")}
     common = ["engine.backend=inprocess", "engine.workers=1", "engine.lockstep=false",
-              "strategy.clients_per_round=100",
+              "data.num_clients=1000", "strategy.clients_per_round=100",
               "experiment.rounds=3", "evaluation.every=3", "evaluation.client_fraction=0",
               "client.local_epochs=1", f"engine.gpus_per_worker={1 if device == 'gpu' else 0}"]
     out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedsim-vectorize-{os.getpid()}"

@@ -7,7 +7,8 @@
   flower  one Flower node per client with Flower's own FedAvg (how Flower is usually used)
 
 Workloads: `cnn` (Fashion-MNIST, 1000 clients x 60 examples, cohort 50, small CNN, batch 10,
-lr 0.1), `mlp-prox` (the same data, FedProx mu 0.1 with Adam on an MLP 128) and `tiny`
+lr 0.1), `mlp-prox` (the same data, FedProx mu 0.1 with Adam on an MLP 128), `resnet` (the
+same data over 200 clients, cohort 20, the small ResNet with BatchNorm, lr 0.05) and `tiny`
 (Synthetic(1,1), 1000 clients, cohort 100, logistic regression, batch 10). `tiny-capped` is
 `tiny` with at most 60 examples per client, where orchestration dominates. Workloads other than
 logistic regression also show `fedsim vmap` (engine.vectorize = on, lockstep off: the clients of
@@ -45,6 +46,8 @@ WORKLOADS = {
 WORKLOADS["mlp-prox"] = [*WORKLOADS["cnn"][:5], "model.name=mlp", "model.hidden=[128]",
                          "strategy.name=fedprox", "strategy.mu=0.1", "client.optimizer=adam",
                          "strategy.clients_per_round=50", "client.batch_size=10", "client.lr=0.001"]
+WORKLOADS["resnet"] = [*WORKLOADS["cnn"][:5], "data.num_clients=200", "model.name=resnet",
+                       "strategy.clients_per_round=20", "client.batch_size=10", "client.lr=0.05"]
 # `tiny` with client sizes capped at 60: FedProx's log-normal sizes average about 450 examples,
 # which makes `tiny` compute-bound; capped, orchestration is most of a round.
 WORKLOADS["tiny-capped"] = [*WORKLOADS["tiny"], "data.synthetic.max_client_size=60"]
