@@ -153,6 +153,8 @@ class FunctionalOptimizer:
     updates of stacked parameters; state tensors are stacked the same way."""
 
     def __init__(self, settings: ClientSection, lr: float) -> None:
+        if settings.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"no functional update for client.optimizer = '{settings.optimizer}'")
         self.kind, self.lr = settings.optimizer, lr
         self.momentum, self.decay = settings.momentum, settings.weight_decay
         self.state: dict[str, dict[str, torch.Tensor]] = {}

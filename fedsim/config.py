@@ -400,13 +400,15 @@ class EngineSection(Section):
     ray_address: str = ""
     timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies")
     lockstep: bool = Field(True, description="train a worker's logistic-regression or MLP "
-                           "clients together with batched matrix products (same result, faster)")
+                           "clients together with batched matrix products (same result up to float "
+                           "rounding, faster)")
     vectorize: Literal["auto", "on", "off"] = Field(
         "auto", description="train a worker's other clients together as one torch.func program: "
         "'auto' on a GPU (on CPU it is rarely faster than one by one), 'on' always, 'off' never")
     channels_last: bool = Field(False, description="keep a worker's model in channels-last memory "
-                                "order (results equal up to float rounding): on CPU faster for lenet5 "
-                                "and resnet at batch 64, not for cnn (benchmarks/memory_format.py)")
+                                "order for one-by-one training and its evaluation (results equal up to "
+                                "float rounding): on CPU faster for lenet5 and resnet at batch 64, not "
+                                "for cnn (benchmarks/memory_format.py)")
     vectorize_memory_mb: float = Field(2048.0, gt=0, description="memory one vectorized program may "
                                        "use; a worker's clients go through in chunks that fit")
     max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many consecutive "

@@ -25,13 +25,14 @@ def test_lenet5_refuses_images_too_small_for_its_convolutions():
 
 @pytest.mark.parametrize("name", ["cnn", "resnet"])
 def test_channels_last_changes_the_memory_order_not_the_run(tmp_path, name):
-    """engine.channels_last keeps the worker's convolutions channels-last; whole runs with and
-    without it end with the same weights up to float rounding."""
+    """engine.channels_last keeps the worker's convolutions channels-last (the model it trained
+    with, after the run); whole runs with and without it end with the same weights up to float
+    rounding."""
     from pathlib import Path
 
     import numpy as np
 
-    from clients.runtime import worker_model
+    from clients.runtime import resident_for, worker_model
     from fedsim.config import load_config
     from fedsim.runner import run_experiment
 
@@ -46,6 +47,9 @@ def test_channels_last_changes_the_memory_order_not_the_run(tmp_path, name):
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (order == "true")
         assert conv.weight.is_contiguous() == (order == "false")
         finals[order] = run_experiment(config).rounds["test_accuracy"].iloc[-1]
+        trained = next(m for m in resident_for(config).model.modules()
+                       if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        assert trained.weight.is_contiguous(memory_format=torch.channels_last) == (order == "true")
     assert finals["true"] == pytest.approx(finals["false"], abs=1e-4)
     with np.load(tmp_path / "true" / "model.npz") as cl, np.load(tmp_path / "false" / "model.npz") as plain:
         assert all(np.allclose(cl[k], plain[k], atol=1e-5) for k in plain.files)
