@@ -8,7 +8,9 @@ Each spec in experiments/ contributes its base experiment (or, for a comparison,
 cell of every variant), run in-process for `--rounds` rounds (warm-up encoders for 1 round).
 Prints one line per cell: its name, digest and, when comparing, whether it matches.
 `benchmarks/model_digests.json` holds the digests recorded before the method-unit engine
-(torch 2.13 CPU, 2 threads); they still match.
+(torch 2.13 CPU, 2 threads) on the machine that recorded them. Digests are bit for bit, so they
+depend on the CPU's kernels too: on another machine even the commit that recorded them gives
+other digests. Record your own before a change.
 """
 
 from __future__ import annotations
