@@ -407,8 +407,8 @@ class EngineSection(Section):
         "'auto' on a GPU (on CPU it is rarely faster than one by one), 'on' always, 'off' never")
     channels_last: bool = Field(False, description="keep a worker's model in channels-last memory "
                                 "order for one-by-one training and its evaluation (results equal up to "
-                                "float rounding): on CPU faster for lenet5 and resnet at batch 64, not "
-                                "for cnn (benchmarks/memory_format.py)")
+                                "float rounding): on CPU 0.5-0.9x the time per step for the built-in "
+                                "conv models (benchmarks/memory_format.py)")
     vectorize_memory_mb: float = Field(2048.0, gt=0, description="memory one vectorized program may "
                                        "use; a worker's clients go through in chunks that fit")
     max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many consecutive "
