@@ -159,6 +159,20 @@ def test_published_numbers_stand_beside_the_measured_with_their_gap_in_seed_stds
     assert "A paper, Table 1" in page and "published final accuracy (%)" in page and "50.0" in page
 
 
+def test_two_comparisons_in_one_report_keep_each_ones_published_numbers():
+    from fedsim.report.published import Published, with_published
+
+    table = pd.DataFrame({"level": ["kind=dirichlet", "classes_per_client=2"], "variant": ["fedavg"] * 2,
+                          "final accuracy mean": [0.875, 0.777], "final accuracy std": [0.01, 0.02]})
+    first = Published(source="a", metric="final accuracy",
+                      values=[{"variant": "fedavg", "level": "kind=dirichlet", "value": 0.884}])
+    second = Published(source="b", metric="final accuracy",
+                       values=[{"variant": "fedavg", "level": "classes_per_client=2", "value": 0.81}])
+    merged = with_published(table, [first, second])
+    assert merged["published final accuracy"].tolist() == [0.884, 0.81]
+    assert merged["final accuracy gap (stds)"].tolist() == pytest.approx([-0.9, -1.65])
+
+
 def test_published_numbers_are_checked_before_any_cell_runs(tmp_path):
     with pytest.raises(ConfigError, match="variant\\(s\\) \\['fedyogi'\\] the comparison does not have"):
         load_comparison(write_spec(tmp_path, SPEC + PUBLISHED.replace('"fedavg"', '"fedyogi"')))

@@ -79,7 +79,8 @@ def load_published(paths: list[Path]) -> list[Published]:
 
 def with_published(table: pd.DataFrame, published: list[Published]) -> pd.DataFrame:
     """The summary table with, per published metric, a `published <metric>` column and the gap
-    `<metric> gap (stds)`: (measured mean - published) / the seed-to-seed std of the measured."""
+    `<metric> gap (stds)`: (measured mean - published) / the seed-to-seed std of the measured.
+    Several comparisons (one list each) may publish the same metric: each fills its own rows."""
     for target in published:
         column = f"published {target.metric}"
         values = []
@@ -87,7 +88,8 @@ def with_published(table: pd.DataFrame, published: list[Published]) -> pd.DataFr
             matches = [v.value for v in target.values
                        if v.variant == row["variant"] and v.level in (None, row["level"])]
             values.append(matches[-1] if matches else np.nan)
-        table[column] = values
+        found = pd.Series(values, index=table.index, dtype=float)
+        table[column] = found.combine_first(table[column]) if column in table else found
         std = table[f"{target.metric} std"].where(table[f"{target.metric} std"] > 0)
         table[f"{target.metric} gap (stds)"] = (table[f"{target.metric} mean"] - table[column]) / std
     return table
