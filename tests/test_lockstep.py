@@ -83,8 +83,8 @@ def test_only_linear_relu_models_without_augmentation_and_with_proximal_terms_qu
 
 # Adam turns float32 noise on near-zero gradients into steps of up to lr (0.01 here): single
 # weights agree to that, the accuracy exactly
-@pytest.mark.parametrize(("optimizer", "weight_tol"), [("client.momentum=0.5", 1e-5),
-                                                       ("client.optimizer=adam", 0.01)])
+@pytest.mark.parametrize(("optimizer", "weight_tol"), [(["client.momentum=0.5"], 1e-5),
+                                                       (["client.optimizer=adam", "client.lr=0.01"], 0.01)])
 def test_simulation_with_and_without_lockstep_agree(tmp_path, monkeypatch, optimizer, weight_tol):
     import clients.runtime
 
@@ -97,8 +97,8 @@ def test_simulation_with_and_without_lockstep_agree(tmp_path, monkeypatch, optim
     monkeypatch.setattr(clients.runtime, "train_in_lockstep", counted)
     base = ["data.dataset=synthetic", "data.partition.kind=natural", "data.num_clients=30",
             "model.name=mlp", "strategy.clients_per_round=10", "experiment.rounds=3",
-            "engine.backend=inprocess", "engine.workers=1", optimizer,
-            "strategy.name=fedprox", "strategy.mu=0.1", "client.lr=0.01",
+            "engine.backend=inprocess", "engine.workers=1", *optimizer,
+            "strategy.name=fedprox", "strategy.mu=0.1",
             f"output.dir={tmp_path}"]
     runs = [run_experiment(load_config(None, [*base, f"engine.lockstep={on}"])) for on in ("true", "false")]
     assert calls == [10, 10, 10]  # every round's clients trained together, once

@@ -96,9 +96,9 @@ class ClientLevelDP(AddOn):
             raise ConfigError("privacy.enabled with evaluation.decomposition: the decomposition "
                               "evaluates every client's own model and records it; switch one off")
         if config.model.name in BATCHNORM_MODELS:
-            raise ConfigError("privacy.enabled with model.name = 'resnet': its BatchNorm statistics "
-                              "are computed from the clients' data and would need noise too (a "
-                              "noised variance can turn negative); use 'mlp', 'cnn' or 'logreg'")
+            raise ConfigError(f"privacy.enabled with model.name = '{config.model.name}': its BatchNorm "
+                              "statistics are computed from the clients' data and would need noise too "
+                              "(a noised variance can turn negative); use 'mlp', 'cnn' or 'logreg'")
         if config.ggeur.enabled:
             raise ConfigError("privacy.enabled with ggeur.enabled: GGEUR's setup phase sends each "
                               "client's class statistics without noise; switch one of them off")

@@ -67,9 +67,9 @@ class ExampleLevelDP(AddOn):
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
         if config.model.name in BATCHNORM_MODELS:
-            raise ConfigError("dp_sgd.enabled with model.name = 'resnet': BatchNorm mixes the examples "
-                              "of a batch, so per-example gradients do not exist; use 'mlp', 'cnn' or "
-                              "'logreg'")
+            raise ConfigError(f"dp_sgd.enabled with model.name = '{config.model.name}': BatchNorm mixes "
+                              "the examples of a batch, so per-example gradients do not exist; use "
+                              "'mlp', 'cnn' or 'logreg'")
         if config.client.objectives:
             raise ConfigError("dp_sgd.enabled with client.objectives: DP-SGD clips the per-example "
                               "gradients of the cross-entropy only; remove the objectives")
