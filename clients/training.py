@@ -1,5 +1,5 @@
 """The local training loop every method shares: SGD/Adam over cross-entropy plus the loss terms of
-the method, its add-ons and `client.objectives`."""
+the method, its add-ons and `client.objectives`, and the step shifts among those terms."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.optim.sgd import sgd
 from clients.augment import augment, draw_keys
 from fedsim.config import ClientSection
 from fedsim.data.tensors import LocalData
-from fedsim.method import Batch, LossTerm
+from fedsim.method import Batch, LossTerm, StepShift, split_shifts
 from fedsim.system import planned_steps
 
 
@@ -52,6 +52,14 @@ def make_optimizer(model: nn.Module, settings: ClientSection, lr: float,
     return sgd(model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
+@torch.no_grad()
+def shift_parameters(model: nn.Module, shifts: list[StepShift], lr: float) -> None:
+    """One step's shifts after the optimizer's update: w <- w - lr * shift."""
+    for name, p in model.named_parameters():
+        for term in shifts:
+            p.sub_(term.shift[name], alpha=lr)
+
+
 def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
                   terms: list[LossTerm], seed: int, lr: float,
                   steps: int | None = None) -> dict[str, float]:
@@ -69,6 +77,7 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
     n = len(data.y_train)
     steps = steps if steps is not None else planned_steps(n, settings)
     optimizer = make_optimizer(model, settings, lr)
+    terms, shifts = split_shifts(terms)
     model.train()
     loss_sum, done = torch.zeros((), device=data.x_train.device), 0
     while done < steps and n > 0:  # a client without data takes no step
@@ -91,6 +100,8 @@ def train_locally(model: nn.Module, data: LocalData, settings: ClientSection,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if shifts:
+                shift_parameters(model, shifts, lr)
             loss_sum += loss.detach()
             done += 1
             if done == steps:

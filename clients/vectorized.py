@@ -7,7 +7,8 @@ batch (the same seeded reshuffles as `train_locally`, short batches padded and m
 optimizer update (SGD with momentum and weight decay, or Adam) is written once, functionally, for
 all of them. The method's loss terms are evaluated inside the vectorized step through
 `functional_call` on the model, so each term has one definition; a term whose tensors differ
-per client (SCAFFOLD's correction) names them in `LossTerm.per_client`.
+per client (FedProx's anchor) names them in `LossTerm.per_client`. Step shifts (SCAFFOLD's
+correction) move the stacked parameters after each update, as `train_locally` moves one model.
 
 What does not vectorize falls back to one-by-one training, with the reason: models with
 buffers (BatchNorm's running statistics), clients whose loss terms differ in kind or
@@ -31,7 +32,7 @@ from torch.nn import functional as F
 from clients.augment import augment, draw_keys
 from fedsim.config import ClientSection
 from fedsim.data.tensors import LocalData
-from fedsim.method import Batch, LossTerm
+from fedsim.method import Batch, LossTerm, split_shifts
 from fedsim.system import planned_steps
 
 Params = dict[str, torch.Tensor]
@@ -259,8 +260,9 @@ def _batch_features(batches: ClientBatches, rows: torch.Tensor, step: int, kinds
 
 
 def _run_steps(step_fn, params: Params, optimizer: FunctionalOptimizer, loss_sum: torch.Tensor,
-               batches: ClientBatches, term_tensors, augment_kinds: list[str]) -> None:
-    """Every local step: the active clients' batches, losses and gradients, then the update."""
+               batches: ClientBatches, term_tensors, shifts: list[Params], augment_kinds: list[str]) -> None:
+    """Every local step: the active clients' batches, losses and gradients, then the update and
+    the step shifts (`shifts`: per shift term, its stacked tensors by parameter name)."""
     labels, groups = batches.labels, batches.groups
     for t, a in enumerate(batches.active):
         rows, valid = batches.index[:a, t], batches.mask[:a, t]
@@ -273,6 +275,9 @@ def _run_steps(step_fn, params: Params, optimizer: FunctionalOptimizer, loss_sum
                               None if groups is None else groups[rows], tensors)
         loss_sum[:a] += loss.detach()
         optimizer.step(params, grads, a)
+        for shift in shifts:
+            for name, by_client in shift.items():
+                params[name][:a].sub_(by_client[:a], alpha=optimizer.lr)
 
 
 def train_vectorized(model: nn.Module, start: Params, data: list[LocalData], seeds: list[int],
@@ -284,14 +289,15 @@ def train_vectorized(model: nn.Module, start: Params, data: list[LocalData], see
     started = time.perf_counter()
     device, count = next(iter(start.values())).device, len(data)
     batches = ClientBatches.build(data, seeds, steps, settings, device)
-    ordered_terms = [terms[i] for i in batches.order]
-    term_tensors = _stack_term_tensors(ordered_terms) if ordered_terms[0] else []
+    ordered_terms, shift_terms = zip(*(split_shifts(terms[i]) for i in batches.order), strict=True)
+    term_tensors = _stack_term_tensors(list(ordered_terms)) if ordered_terms[0] else []
+    shifts = [s["shift"] for s in _stack_term_tensors(list(shift_terms))] if shift_terms[0] else []
     step_fn = vmap(grad_and_value(client_loss(model, ordered_terms[0])),
                    in_dims=(0, 0, 0, 0, None if batches.groups is None else 0, 0))
     params = {k: v.detach().expand(count, *v.shape).clone() for k, v in start.items()}
     optimizer = FunctionalOptimizer(settings, lr)
     loss_sum = torch.zeros(count, device=device)
     with _templates_restored(ordered_terms[0]):
-        _run_steps(step_fn, params, optimizer, loss_sum, batches, term_tensors, settings.augment)
+        _run_steps(step_fn, params, optimizer, loss_sum, batches, term_tensors, shifts, settings.augment)
     return batches.results(lambda slot: {k: v[slot] for k, v in params.items()}, loss_sum,
                            time.perf_counter() - started)

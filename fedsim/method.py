@@ -117,6 +117,22 @@ class LossTerm:
         raise NotImplementedError
 
 
+class StepShift(LossTerm):
+    """A term that adds nothing to the loss but moves every local step a fixed distance: after
+    the optimizer's update, each trainable parameter goes w <- w - lr * shift[name], outside the
+    optimizer's momentum and Adam scaling (SCAFFOLD's drift correction as its reference code
+    applies it). Subclasses set `shift` (one tensor per parameter name)."""
+
+    per_client = ("shift",)
+    shift: dict[str, torch.Tensor]
+
+
+def split_shifts(terms: list[LossTerm]) -> tuple[list[LossTerm], list[StepShift]]:
+    """A client's terms in two: those added to the loss, and the step shifts."""
+    return ([t for t in terms if not isinstance(t, StepShift)],
+            [t for t in terms if isinstance(t, StepShift)])
+
+
 @dataclass
 class ClientUpdate:
     """What a client half adds to its reply after training: output arrays and metrics."""

@@ -1,12 +1,15 @@
 """Method math against hand-computed closed forms, and packing/unpacking invariants."""
 
+import copy
 
 import numpy as np
 import pytest
 import torch
 
 from clients.state import MemoryStore
+from clients.training import train_locally
 from fedsim.config import ClientSection, load_config
+from fedsim.data.tensors import LocalData
 from fedsim.engine.protocol import WorkerResult, encode_result
 from fedsim.engine.server import RoundLog
 from fedsim.engine.strategy import FedsimStrategy
@@ -14,7 +17,7 @@ from fedsim.errors import FedsimError
 from fedsim.method import ClientContext, ClientResult, RoundResult, RunInfo, TrainPlan
 from fedsim.registry import build_method
 from fedsim.terms import Proximal
-from strategies.scaffold import ControlCorrection, Scaffold
+from strategies.scaffold import ControlGradient, ControlStep, Scaffold
 
 
 def make(name: str, *overrides: str, sizes=(10, 20, 30, 40), **placement) -> FedsimStrategy:
@@ -112,9 +115,48 @@ def test_proximal_and_control_variate_terms_have_the_right_gradients():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - anchor[n]))
     model.zero_grad()
-    Scaffold().loss_terms(ctx)[0].penalty(model, None).backward()
+    gradient = Scaffold({"correction": "gradient"}).loss_terms(ctx)[0]
+    assert isinstance(gradient, ControlGradient)
+    gradient.penalty(model, None).backward()
     for n, p in model.named_parameters():  # no stored c_i yet: the correction is c itself
         torch.testing.assert_close(p.grad, server_c[n])
+
+
+def test_scaffold_steps_as_its_reference_code_with_momentum():
+    """Default correction: torch's SGD step (momentum, weight decay), then w -= lr (c - c_i),
+    as NIID-Bench's train_net_scaffold and Flower's ScaffoldOptimizer.step_custom."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    server_c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    own = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    store = MemoryStore()
+    store.save("control", {n: t.numpy() for n, t in own.items()})
+    settings = ClientSection(batch_size=4, local_epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    ctx = ClientContext(0, 1, TrainPlan(), {}, server_c, store, settings, settings.lr)
+    terms = Scaffold().loss_terms(ctx)
+    assert isinstance(terms[0], ControlStep)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    data = LocalData(x, y, x[:2], y[:2], None, None)
+    reference = copy.deepcopy(model)
+    metrics = train_locally(model, data, settings, terms, 7, settings.lr)
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    generator, losses = torch.Generator().manual_seed(7), []
+    for _ in range(2):
+        order = torch.randperm(10, generator=generator)
+        for start in range(0, 10, 4):
+            rows = order[start:start + 4]
+            loss = torch.nn.functional.cross_entropy(reference(x[rows]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for n, p in reference.named_parameters():
+                    p.add_(server_c[n] - own[n], alpha=-0.05)
+            losses.append(loss.item())
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=n)
+    assert metrics["train_loss"] == pytest.approx(np.mean(losses))  # the cross-entropy alone
 
 
 def test_scaffold_client_update_is_option_two_and_kept_as_client_state():
@@ -126,9 +168,8 @@ def test_scaffold_client_update_is_option_two_and_kept_as_client_state():
     store.save("control", {n: t.numpy() for n, t in own.items()})
     ctx = scaffold_context(model, anchor, server_c, store, lr=0.05)
     term = Scaffold().loss_terms(ctx)[0]
-    assert isinstance(term, ControlCorrection)
     for n in own:  # the correction is c - c_i
-        torch.testing.assert_close(term.correction[n], server_c[n] - own[n])
+        torch.testing.assert_close(term.shift[n], server_c[n] - own[n])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3)

@@ -19,7 +19,7 @@ from fedsim.method import ClientContext, LossTerm, NoParams, TrainPlan
 from fedsim.models import build_model
 from fedsim.terms import ParityConstraint, ParityPenalty, Proximal
 from strategies.fedld import MarginControl
-from strategies.scaffold import ControlCorrection
+from strategies.scaffold import ControlGradient, ControlStep
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
 SHAPES = {"logreg": (1, 8, 8), "mlp": (1, 8, 8), "cnn": (1, 12, 12)}
@@ -95,9 +95,10 @@ def test_loss_terms_are_evaluated_inside_the_vectorized_step():
         ctx = context(model, cid, broadcast=control)
         terms.append([Proximal(Proximal.Params(mu=0.3), ctx),
                       MarginControl(MarginControl.Params(lam=0.2), ctx),
-                      ControlCorrection(NoParams(), ctx)])  # the correction differs per client
-    for client_terms in terms:
+                      ControlGradient(NoParams(), ctx), ControlStep(NoParams(), ctx)])
+    for client_terms in terms:  # SCAFFOLD's corrections differ per client, in the loss and as shifts
         client_terms[2].correction = {k: torch.randn(v.shape, generator=generator) for k, v in start.items()}
+        client_terms[3].shift = {k: torch.randn(v.shape, generator=generator) for k, v in start.items()}
     got = train_vectorized(model, start, data, seeds, steps, settings, settings.lr, terms)
     assert_close(got, one_by_one(model, data, settings, seeds, steps, terms))
 
@@ -248,7 +249,7 @@ def test_chunks_fit_the_memory_budget_and_change_nothing(tmp_path):
     assert per_gb > 10 and clients_per_chunk(model, data, [], sgd, 2**31) in (2 * per_gb, 2 * per_gb + 1)
     assert clients_per_chunk(model, data, [], adam, 2**30) < per_gb  # two more state tensors
     assert clients_per_chunk(model, data, [], sgd, 1) == 1
-    correction = ControlCorrection(NoParams(), context(model, 0, {k: torch.zeros_like(v) for k, v in
+    correction = ControlStep(NoParams(), context(model, 0, {k: torch.zeros_like(v) for k, v in
                                                                   model.named_parameters()}))
     assert clients_per_chunk(model, data, [correction], sgd, 2**30) < per_gb  # a model-sized tensor
     finals = []
