@@ -119,19 +119,25 @@ def compare(
     spec: Annotated[Path, typer.Argument(help="comparison spec: an experiment plus [compare]")],
     set_: Annotated[list[str], typer.Option(
         "--set", help="override a key of the base experiment")] = [],  # noqa: B006
+    only: Annotated[list[str], typer.Option(
+        "--only", help="run only the cells whose name has this part (a variant or key=value, "
+        "e.g. --only fedprox --only seed=0); repeat to narrow")] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
 ) -> None:
     """Run every cell of a comparison grid (finished cells are skipped, interrupted ones continue
-    from their checkpoints) and tabulate them."""
-    from fedsim.compare import load_comparison, run_comparison
+    from their checkpoints) and tabulate them. Several processes may share out one grid's cells
+    with --only."""
+    from fedsim.compare import cell_filter, load_comparison, run_comparison
     from fedsim.runner import run_experiment
 
     with user_errors():
         folder, cells = load_comparison(spec, set_)
+        chosen = cell_filter(cells, only)
+    left = sum(1 for cell in cells if not cell.finished and not chosen(cell))
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
     with Progress(*columns, console=console) as bar:
-        grid = bar.add_task("cells", total=len(cells), status="")
+        grid = bar.add_task("cells", total=len(cells) - left, status="")
         rounds = bar.add_task("rounds", total=1, status="")
 
         def announce(cell, status: str) -> None:
@@ -148,10 +154,11 @@ def compare(
             run_experiment(cell.config, progress=progress, verbose=verbose, resume=True)
             bar.advance(grid)
 
-        table = run_comparison(folder, cells, run_cell, announce)
+        table = run_comparison(folder, cells, run_cell, announce, chosen)
     failed = int((table["status"] == "failed").sum())
     console.print(f"{len(table) - failed} of {len(table)} cells done"
-                  + (f", {failed} failed (see cells.csv)" if failed else "") + f"; results in {folder}",
+                  + (f", {failed} failed (see cells.csv)" if failed else "")
+                  + (f", {left} not chosen by --only" if left else "") + f"; results in {folder}",
                   soft_wrap=True)
     if failed < len(table):
         from fedsim.report import build_report

@@ -11,8 +11,9 @@
     [compare.published]                      # optional: numbers a paper reports (see report.published)
 
 Cells already finished in the output folder are skipped, so an interrupted comparison resumes;
-a failed cell is recorded and the others go on. `cells.csv` lists every cell, `summary.csv` the
-mean and std over seeds.
+a failed cell is recorded and the others go on. `cells.csv` lists every cell run or finished,
+`summary.csv` the mean and std over seeds. A filter (`--only`) shares a grid's cells out among
+processes or machines that write to one folder.
 """
 
 from __future__ import annotations
@@ -61,10 +62,29 @@ def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
+def cell_parts(variant: str, values: dict[str, Any]) -> list[str]:
+    """The parts of a cell's name: its variant, then `key=value` per grid key (last dotted part)."""
+    return ([variant] if variant else []) + [f"{_short(k)}={v}" for k, v in values.items()]
+
+
 def cell_name(variant: str, values: dict[str, Any]) -> str:
-    parts = [variant] if variant else []
-    parts += [f"{_short(k)}={v}" for k, v in values.items()]
-    return "__".join(parts) or "base"
+    return "__".join(cell_parts(variant, values)) or "base"
+
+
+def cell_filter(cells: list[Cell], only: list[str]) -> Callable[[Cell], bool]:
+    """Which cells to run: those whose name has every part in `only` (a variant or a grid
+    `key=value`, as in the cells' names); a part no cell has is a ConfigError."""
+    known = {part for cell in cells for part in cell_parts(cell.variant, cell.values)}
+    unknown = [part for part in only if part not in known]
+    if unknown:
+        raise ConfigError(f"--only {', '.join(unknown)}: no cell has it; this grid's parts are "
+                          f"{', '.join(sorted(known))}")
+    def chosen(cell: Cell) -> bool:
+        return set(only) <= set(cell_parts(cell.variant, cell.values))
+
+    if not any(chosen(cell) for cell in cells):
+        raise ConfigError(f"--only {' '.join(only)}: no cell has all of these parts")
+    return chosen
 
 
 def load_comparison(path: Path, overrides: list[str] = ()) -> tuple[Path, list[Cell]]:
@@ -128,10 +148,13 @@ def summarize_cells(cells: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
     return table.reset_index()
 
 
-def run_comparison(folder: Path, cells: list[Cell],
-                   run_cell: Callable[[Cell], None], announce: Callable[[Cell, str], None]) -> pd.DataFrame:
-    """Run every unfinished cell via `run_cell`; write `cells.csv` and `summary.csv` as it goes.
-    With output.mlflow set, the cells' MLflow runs nest under one parent run of the comparison."""
+def run_comparison(folder: Path, cells: list[Cell], run_cell: Callable[[Cell], None],
+                   announce: Callable[[Cell, str], None],
+                   chosen: Callable[[Cell], bool] = lambda cell: True) -> pd.DataFrame:
+    """Run every unfinished cell that is `chosen` via `run_cell`; write `cells.csv` and
+    `summary.csv` as it goes, listing every finished cell (so processes that share out a grid's
+    cells each leave a table of all that is done). With output.mlflow set, the cells' MLflow runs
+    nest under one parent run of the comparison."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     grid_keys = list(cells[0].values) if cells else []
@@ -140,6 +163,8 @@ def run_comparison(folder: Path, cells: list[Cell],
             if cell.finished:
                 announce(cell, "skipped (finished earlier)")
                 rows.append(cell_row(cell, "done"))
+            elif not chosen(cell):
+                continue
             else:
                 announce(cell, "running")
                 try:

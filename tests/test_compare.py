@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsim.cli import app
-from fedsim.compare import load_comparison, run_comparison
+from fedsim.compare import cell_filter, load_comparison, run_comparison
 from fedsim.config import load_config
 from fedsim.errors import ConfigError
 from fedsim.registry import check_config
@@ -101,11 +101,40 @@ def test_bad_grid_keys_fail_before_anything_runs(tmp_path):
 
 def test_compare_command_runs_the_grid(tmp_path):
     spec = SPEC.replace('"experiment.seed" = [0, 1]', '"experiment.seed" = [0]')
-    result = subprocess.run([sys.executable, "-m", "fedsim.cli", "compare", str(write_spec(tmp_path, spec)),
-                             "--set", "experiment.rounds=1"], capture_output=True, text=True, cwd=ROOT)
+    command = [sys.executable, "-m", "fedsim.cli", "compare", str(write_spec(tmp_path, spec)),
+               "--set", "experiment.rounds=1"]
+    part = subprocess.run([*command, "--only", "fedprox"], capture_output=True, text=True, cwd=ROOT)
+    assert part.returncode == 0, part.stderr
+    assert "2 of 2 cells done, 2 not chosen by --only" in part.stdout + part.stderr
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "4 of 4 cells done" in result.stdout + result.stderr
     assert len(pd.read_csv(tmp_path / "runs" / "grid" / "cells.csv")) == 4
+
+
+def test_cells_shared_out_with_only_each_run_once_and_every_table_lists_all_done(tmp_path):
+    folder, cells = load_comparison(write_spec(tmp_path))
+    ran: list[str] = []
+
+    def run_and_note(cell):
+        run_cell(cell)
+        ran.append(cell.name)
+
+    share = cell_filter(cells, ["fedprox", "alpha=0.1"])
+    first = run_comparison(folder, cells, run_and_note, lambda cell, status: None, share)
+    assert ran == ["fedprox__alpha=0.1__seed=0", "fedprox__alpha=0.1__seed=1"]
+    assert first["cell"].tolist() == ran and len(pd.read_csv(folder / "cells.csv")) == 2
+    second = run_comparison(folder, cells, run_and_note, lambda cell, status: None,
+                            cell_filter(cells, ["seed=0"]))
+    assert ran[2:] == ["fedavg__alpha=1.0__seed=0", "fedavg__alpha=0.1__seed=0",
+                       "fedprox__alpha=1.0__seed=0"]
+    table = pd.read_csv(folder / "cells.csv")  # the first share's cells too, finished earlier
+    assert len(second) == len(table) == 5 and (table["status"] == "done").all()
+    with pytest.raises(ConfigError, match="--only alpha=0.5: no cell has it; this grid's parts are "
+                                          "alpha=0.1"):
+        cell_filter(cells, ["alpha=0.5"])
+    with pytest.raises(ConfigError, match="no cell has all of these parts"):
+        cell_filter(cells, ["fedavg", "fedprox"])
 
 
 def test_an_interrupted_comparison_restarted_runs_only_the_missing_cells(tmp_path):
