@@ -54,9 +54,10 @@ def make_optimizer(model: nn.Module, settings: ClientSection, lr: float,
 
 @torch.no_grad()
 def shift_parameters(model: nn.Module, shifts: list[StepShift], lr: float) -> None:
-    """One step's shifts after the optimizer's update: w <- w - lr * shift."""
+    """One step's shifts after the optimizer's update: w <- w - lr * shift (frozen parameters
+    stay)."""
     for name, p in model.named_parameters():
-        for term in shifts:
+        for term in shifts if p.requires_grad else ():
             p.sub_(term.shift[name], alpha=lr)
 
 

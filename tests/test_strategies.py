@@ -127,6 +127,7 @@ def test_scaffold_steps_as_its_reference_code_with_momentum():
     as NIID-Bench's train_net_scaffold and Flower's ScaffoldOptimizer.step_custom."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    model[1].bias.requires_grad_(False)  # a frozen parameter neither steps nor shifts
     server_c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     own = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     store = MemoryStore()
@@ -137,7 +138,7 @@ def test_scaffold_steps_as_its_reference_code_with_momentum():
     assert isinstance(terms[0], ControlStep)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
     data = LocalData(x, y, x[:2], y[:2], None, None)
-    reference = copy.deepcopy(model)
+    reference, frozen = copy.deepcopy(model), model[1].bias.detach().clone()
     metrics = train_locally(model, data, settings, terms, 7, settings.lr)
 
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -152,10 +153,12 @@ def test_scaffold_steps_as_its_reference_code_with_momentum():
             optimizer.step()
             with torch.no_grad():
                 for n, p in reference.named_parameters():
-                    p.add_(server_c[n] - own[n], alpha=-0.05)
+                    if p.requires_grad:
+                        p.add_(server_c[n] - own[n], alpha=-0.05)
             losses.append(loss.item())
     for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=n)
+    torch.testing.assert_close(model[1].bias, frozen, rtol=0, atol=0)
     assert metrics["train_loss"] == pytest.approx(np.mean(losses))  # the cross-entropy alone
 
 
