@@ -79,6 +79,7 @@ def cell_filter(cells: list[Cell], only: list[str]) -> Callable[[Cell], bool]:
     if unknown:
         raise ConfigError(f"--only {', '.join(unknown)}: no cell has it; this grid's parts are "
                           f"{', '.join(sorted(known))}")
+
     def chosen(cell: Cell) -> bool:
         return set(only) <= set(cell_parts(cell.variant, cell.values))
 
